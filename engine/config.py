@@ -1,0 +1,424 @@
+"""Configuration: plain data, validated before any work starts.
+
+The layout is the reference's YAML (sections ``meta``, ``data``, ``mask``,
+``optimization``, ``logging``) so its config files load unchanged, plus the
+engine's own sections (``model``, ``kernels``, ``train``, ``checkpoint``,
+``deepspeed``) and a few extra keys in the shared sections. Every key is typed;
+an unknown key or a bad value raises ``ConfigError`` with one line naming the key,
+the value and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message is one line: the key, the problem, the fix."""
+
+
+# Reference factory sizes: (embed_dim, depth, num_heads, mlp_ratio).
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+
+
+@dataclass
+class MetaConfig:
+    use_bfloat16: bool = True
+    model_name: str = "vit_base"
+    load_checkpoint: bool = False
+    read_checkpoint: Optional[str] = None
+    copy_data: bool = False
+    pred_depth: int = 6
+    pred_emb_dim: int = 384
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 128
+    color_jitter_strength: float = 0.0
+    crop_scale: tuple = (0.3, 1.0)
+    crop_size: int = 224
+    image_folder: str = ""
+    num_workers: int = 10
+    pin_mem: bool = True
+    root_path: str = ""
+    use_color_distortion: bool = False
+    use_gaussian_blur: bool = False
+    use_horizontal_flip: bool = False
+    # engine additions
+    dataset: str = "imagefolder"      # imagefolder | fmnist | synthetic
+    loader: str = "torch"             # torch | dali | auto
+    in_chans: int = 3
+    synthetic_size: int = 1024        # images per epoch for dataset: synthetic
+    fmnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    max_images: Optional[int] = None  # use only the first N images (quick runs)
+
+
+@dataclass
+class MaskConfig:
+    allow_overlap: bool = False
+    aspect_ratio: tuple = (0.75, 1.5)
+    enc_mask_scale: tuple = (0.85, 1.0)
+    min_keep: int = 10
+    num_enc_masks: int = 1
+    num_pred_masks: int = 4
+    patch_size: int = 16
+    pred_mask_scale: tuple = (0.15, 0.2)
+    # engine addition: "reference" reproduces the reference collator bit for bit,
+    # "paper" lets blocks touch every row/column and draws aspect independently.
+    mode: str = "reference"
+
+
+@dataclass
+class OptimizationConfig:
+    ema: tuple = (0.996, 1.0)
+    epochs: int = 300
+    final_lr: float = 1.0e-6
+    final_weight_decay: float = 0.4
+    ipe_scale: float = 1.0
+    lr: float = 0.001
+    start_lr: float = 0.0002
+    warmup: float = 40
+    weight_decay: float = 0.04
+    # engine additions
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None    # max global grad norm; None = off (reference)
+    fused_optimizer: bool = False        # torch AdamW(fused=True) / foreach where available
+
+
+@dataclass
+class LoggingConfig:
+    folder: str = "runs/default"
+    write_tag: str = "jepa"
+    log_every: int = 10                  # progress/log line every N steps
+    tensorboard: bool = True
+    diagnostics_every: int = 50          # collapse diagnostics every N steps (0 = off)
+
+
+@dataclass
+class ModelConfig:
+    """Overrides of the factory size named by ``meta.model_name`` (None = factory value)."""
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    pred_num_heads: Optional[int] = None   # reference: the encoder's head count
+
+
+@dataclass
+class KernelsConfig:
+    attention: str = "auto"   # auto | triton | xformers | sdpa | naive
+    gather: str = "auto"      # auto | triton | torch
+    ema: str = "auto"         # auto | triton | torch
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"          # auto | cpu | cuda
+    precision: Optional[str] = None   # fp32 | bf16; None = from meta.use_bfloat16
+    seed: int = 0
+    threads: Optional[int] = None     # torch.set_num_threads
+    max_steps: Optional[int] = None   # stop after N optimizer steps (schedules keep the full length)
+    max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
+    nonfinite: str = "skip"       # skip (reference behaviour) | stop
+    progress: bool = True         # progress bar on stderr
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0          # also checkpoint every N steps (0 = only at epoch end)
+    keep_last: int = 2            # step checkpoints kept besides -latest
+    save_every_epochs: int = 50   # reference: extra ep{N} file every 50 epochs
+
+
+@dataclass
+class IJEPAConfig:
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: Optional[dict] = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, d: dict | None, validate: bool = True) -> "IJEPAConfig":
+        d = d or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if key not in hints:
+                raise ConfigError(f"config: unknown section {key!r}; allowed: {', '.join(hints)}")
+            if key == "deepspeed":
+                if value is not None and not isinstance(value, dict):
+                    raise ConfigError("deepspeed: expected a mapping (a DeepSpeed config dict)")
+                kwargs[key] = value
+                continue
+            kwargs[key] = _build_section(key, hints[key], value)
+        cfg = cls(**kwargs)
+        if validate:
+            cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: list[str] | None = None, validate: bool = True) -> "IJEPAConfig":
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "parse error"
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        d = d or {}
+        for ov in overrides or []:
+            apply_override(d, ov)
+        return cls.from_dict(d, validate=validate)
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = copy.deepcopy(v) if not dataclasses.is_dataclass(v) else {
+                k: (list(x) if isinstance(x, tuple) else x) for k, x in dataclasses.asdict(v).items()}
+        return out
+
+    def replace(self, **sections) -> "IJEPAConfig":
+        """A copy with some keys changed, e.g. ``cfg.replace(data={"batch_size": 8})``."""
+        d = self.to_dict()
+        for sec, vals in sections.items():
+            if isinstance(vals, dict) and isinstance(d.get(sec), dict):
+                d[sec].update(vals)
+            else:
+                d[sec] = vals
+        return IJEPAConfig.from_dict(d)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def arch(self) -> dict:
+        """The encoder's width, depth, heads and MLP ratio after overrides."""
+        name = self.meta.model_name
+        if name not in VIT_SIZES:
+            raise ConfigError(f"meta.model_name: unknown model {name!r}; allowed: {', '.join(VIT_SIZES)}")
+        dim, depth, heads, ratio = VIT_SIZES[name]
+        m = self.model
+        return dict(
+            embed_dim=m.embed_dim or dim,
+            depth=m.depth or depth,
+            num_heads=m.num_heads or heads,
+            mlp_ratio=m.mlp_ratio or ratio,
+            pred_num_heads=m.pred_num_heads or m.num_heads or heads,
+        )
+
+    @property
+    def grid(self) -> int:
+        return self.data.crop_size // self.mask.patch_size
+
+    @property
+    def precision(self) -> str:
+        return self.train.precision or ("bf16" if self.meta.use_bfloat16 else "fp32")
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> "IJEPAConfig":
+        """Raise ``ConfigError`` on the first problem; checks everything that can be checked
+        before data or models are touched."""
+        d, m, o, t = self.data, self.mask, self.optimization, self.train
+        arch = self.arch
+        _choice("data.dataset", d.dataset, ("imagefolder", "fmnist", "synthetic"))
+        _choice("data.loader", d.loader, ("torch", "dali", "auto"))
+        _choice("mask.mode", m.mode, ("reference", "paper"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
+        if t.precision is not None:
+            _choice("train.precision", t.precision, ("fp32", "bf16"))
+        _choice("kernels.attention", self.kernels.attention, ("auto", "triton", "xformers", "sdpa", "naive"))
+        _choice("kernels.gather", self.kernels.gather, ("auto", "triton", "torch"))
+        _choice("kernels.ema", self.kernels.ema, ("auto", "triton", "torch"))
+        _positive("data.batch_size", d.batch_size)
+        _positive("data.crop_size", d.crop_size)
+        _positive("mask.patch_size", m.patch_size)
+        _positive("optimization.epochs", o.epochs)
+        _positive("optimization.grad_accum_steps", o.grad_accum_steps)
+        _positive("data.in_chans", d.in_chans)
+        if d.crop_size % m.patch_size:
+            raise ConfigError(f"mask.patch_size: {m.patch_size} does not divide data.crop_size {d.crop_size}; "
+                              f"pick a crop size that is a multiple of the patch size")
+        if self.grid < 2:
+            raise ConfigError(f"data.crop_size/mask.patch_size gives a {self.grid}x{self.grid} grid; need at least 2x2")
+        for key, pair, lo, hi in (("mask.enc_mask_scale", m.enc_mask_scale, 0.0, 1.0),
+                                  ("mask.pred_mask_scale", m.pred_mask_scale, 0.0, 1.0),
+                                  ("data.crop_scale", d.crop_scale, 0.0, 1.0)):
+            a, b = _pair(key, pair)
+            if not (lo < a <= b <= hi):
+                raise ConfigError(f"{key}: {list(pair)} must satisfy 0 < min <= max <= 1")
+        a, b = _pair("mask.aspect_ratio", m.aspect_ratio)
+        if not (0 < a <= b):
+            raise ConfigError(f"mask.aspect_ratio: {list(m.aspect_ratio)} must satisfy 0 < min <= max")
+        a, b = _pair("optimization.ema", o.ema)
+        if not (0 <= a <= b <= 1):
+            raise ConfigError(f"optimization.ema: {list(o.ema)} must satisfy 0 <= start <= end <= 1")
+        _positive("mask.num_pred_masks", m.num_pred_masks)
+        _positive("mask.num_enc_masks", m.num_enc_masks)
+        if m.min_keep < 0:
+            raise ConfigError(f"mask.min_keep: {m.min_keep} must be >= 0")
+        for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "warmup"):
+            v = getattr(o, key)
+            if not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
+                raise ConfigError(f"optimization.{key}: {v!r} must be a finite number >= 0")
+        if o.ipe_scale < 1.0:
+            raise ConfigError(f"optimization.ipe_scale: {o.ipe_scale} < 1 would end the momentum schedule "
+                              f"before training ends; use >= 1.0")
+        if o.warmup > o.epochs * o.ipe_scale:
+            raise ConfigError(f"optimization.warmup: {o.warmup} epochs is longer than the schedule "
+                              f"({o.epochs} epochs x ipe_scale {o.ipe_scale})")
+        if o.clip_grad is not None and o.clip_grad <= 0:
+            raise ConfigError(f"optimization.clip_grad: {o.clip_grad} must be > 0 or null (off)")
+        if arch["embed_dim"] % arch["num_heads"]:
+            raise ConfigError(f"model: embed_dim {arch['embed_dim']} not divisible by num_heads {arch['num_heads']}")
+        if arch["embed_dim"] % 4:
+            raise ConfigError(f"model: embed_dim {arch['embed_dim']} must be divisible by 4 (2-D sin-cos positions)")
+        pdim, pheads = self.meta.pred_emb_dim, arch["pred_num_heads"]
+        if pdim % 4 or pdim % pheads:
+            raise ConfigError(f"meta.pred_emb_dim: {pdim} must be divisible by 4 and by the predictor's "
+                              f"{pheads} heads")
+        _positive("meta.pred_depth", self.meta.pred_depth)
+        # The reference's collator loops forever when a drawn block cannot hold more than
+        # min_keep patches; reject such configs here (masks.check_mask_config does the math).
+        from engine.masks import check_mask_config
+        check_mask_config(self.data.crop_size, m.patch_size, m.enc_mask_scale, m.pred_mask_scale,
+                          m.aspect_ratio, m.min_keep, m.mode, m.num_pred_masks, m.allow_overlap)
+        if d.dataset == "imagefolder":
+            root = os.path.join(d.root_path, d.image_folder) if d.image_folder else d.root_path
+            if not d.root_path or d.root_path.startswith("$"):
+                raise ConfigError("data.root_path: not set; point it at the folder that holds "
+                                  "data.image_folder (an ImageFolder tree with train/)")
+            if not os.path.isdir(root):
+                raise ConfigError(f"data.root_path/image_folder: {root} is not a directory")
+        if d.dataset == "fmnist" and d.in_chans not in (1, 3):
+            raise ConfigError(f"data.in_chans: {d.in_chans}; Fashion-MNIST gives 1 or 3 (replicated) channels")
+        if self.logging.folder.startswith("$"):
+            raise ConfigError(f"logging.folder: {self.logging.folder!r} is a placeholder; set a real path "
+                              f"(e.g. --override logging.folder=runs/my_run)")
+        _positive("logging.log_every", self.logging.log_every)
+        if t.max_steps is not None:
+            _positive("train.max_steps", t.max_steps)
+        return self
+
+
+# ---------------------------------------------------------------------- helpers
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(key, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key}: {value!r} must be a positive integer")
+
+
+def _pair(key, value):
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"{key}: {value!r} must be a pair [min, max]")
+    return float(value[0]), float(value[1])
+
+
+def _build_section(name, cls, value):
+    if value is None:
+        return cls()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, v in value.items():
+        if key not in hints:
+            raise ConfigError(f"{name}.{key}: unknown key; allowed: {', '.join(hints)}")
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], v)
+    return cls(**kwargs)
+
+
+def _coerce(key, hint, v):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if v is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    elif v is None:
+        raise ConfigError(f"{key}: null is not allowed here")
+    if hint is bool:
+        if isinstance(v, bool):
+            return v
+        raise ConfigError(f"{key}: {v!r} must be true or false")
+    if hint is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            raise ConfigError(f"{key}: {v!r} must be an integer")
+        return v
+    if hint is float:
+        if isinstance(v, str):
+            try:
+                return float(v)   # the reference writes some floats as strings ("1e-6")
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key}: {v!r} must be a number")
+        return float(v)
+    if hint is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key}: {v!r} must be a string")
+        return v
+    if hint is tuple:
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{key}: {v!r} must be a list")
+        try:
+            return tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: {v!r} must be a list of numbers") from None
+    if hint is dict:
+        if not isinstance(v, dict):
+            raise ConfigError(f"{key}: {v!r} must be a mapping")
+        return v
+    return v
+
+
+def apply_override(d: dict, override: str) -> None:
+    """Apply ``section.key=value`` (value parsed as YAML) to a raw config dict."""
+    if "=" not in override:
+        raise ConfigError(f"--override {override!r}: expected section.key=value, e.g. data.batch_size=32")
+    path, raw = override.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--override {override!r}: expected section.key=value, e.g. data.batch_size=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = d
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise ConfigError(f"--override {override!r}: {k} is not a section")
+        node = node[k]
+    node[keys[-1]] = value
