@@ -1,0 +1,282 @@
+"""Portable image data: ImageFolder, Fashion-MNIST (Debian package), synthetic images.
+
+Every random choice (sample order, crop boxes) is a function of ``(seed, epoch, index)``,
+so a run resumed from a checkpoint sees exactly the batches it would have seen, and the
+global torch RNG (which the reference's mask placement uses) is never touched by data
+loading. Augmentation is the reference's: RandomResizedCrop(scale=crop_scale,
+ratio=3/4..4/3, bilinear) then ImageNet normalisation; flips/colour/blur are off in every
+reference config.
+
+A corrupt or unreadable image is replaced by the next readable one, reported by name and
+counted (``TrainLoader.bad_files``); the epoch goes on.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(Exception):
+    """Unusable data (missing files, empty folders). One line, names the fix."""
+
+
+# ----------------------------------------------------------------- augmentation
+def _gen(*keys) -> torch.Generator:
+    g = torch.Generator()
+    h = 0
+    for k in keys:
+        h = (h * 1_000_003 + int(k) + 1) % (2 ** 61 - 1)
+    g.manual_seed(h)
+    return g
+
+
+def rrc_box(height: int, width: int, scale, ratio, g: torch.Generator):
+    """A RandomResizedCrop box (top, left, h, w) with torchvision's sampling rule, drawn from ``g``."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
+        ar = math.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(1, generator=g).item())
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return top, left, h, w
+    # fallback: central crop at the nearest allowed ratio
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(img: torch.Tensor, size: int, scale, g, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """``img`` float [C, H, W] -> [C, size, size]."""
+    top, left, h, w = rrc_box(img.shape[-2], img.shape[-1], scale, ratio, g)
+    crop = img[:, top:top + h, left:left + w].unsqueeze(0)
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.squeeze(0)
+
+
+def normalize(img: torch.Tensor, channels: int) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN[:channels] if channels == 3 else (0.5,), dtype=img.dtype).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD[:channels] if channels == 3 else (0.5,), dtype=img.dtype).view(-1, 1, 1)
+    return (img - mean) / std
+
+
+# ----------------------------------------------------------------- datasets
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``root/<class>/<image>``; the reference reads ``root/train/`` when it exists."""
+
+    def __init__(self, root: str, crop_size: int, crop_scale=(0.3, 1.0), in_chans: int = 3):
+        if os.path.isdir(os.path.join(root, "train")):
+            root = os.path.join(root, "train")
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist; set data.root_path/data.image_folder")
+        classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples = []
+        for ci, c in enumerate(classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, f), ci))
+        if not self.samples:
+            raise DataError(f"no images under {root}; expected class folders with .jpg/.png files")
+        self.classes, self.root = classes, root
+        self.crop_size, self.crop_scale, self.in_chans = crop_size, tuple(crop_scale), in_chans
+        self.epoch, self.seed = 0, 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _read(self, path):
+        from PIL import Image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im = im.convert("RGB" if self.in_chans == 3 else "L")
+                arr = np.asarray(im, dtype=np.uint8).copy()
+        t = torch.from_numpy(arr)
+        return (t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)).float().div_(255)
+
+    def __getitem__(self, i):
+        """(image, label, names of unreadable files skipped to get here)."""
+        bad = []
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                img = self._read(path)
+            except Exception as e:  # truncated, not an image, permission, ...
+                msg = f"{path} ({type(e).__name__})"
+                log.warning("unreadable image skipped: %s", msg)
+                bad.append(msg)
+                continue
+            g = _gen(self.seed, self.epoch, i)
+            img = random_resized_crop(img, self.crop_size, self.crop_scale, g)
+            return normalize(img, self.in_chans), label, "\n".join(bad)
+        raise DataError(f"no readable image in {self.root}")
+
+
+def read_idx_gz(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fmnist(folder: str, split: str = "train"):
+    """uint8 images [N, 28, 28] and int64 labels [N] from the Debian package's files."""
+    prefix = "train" if split == "train" else "t10k"
+    img_path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
+    lbl_path = os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")
+    if not os.path.isfile(img_path):
+        raise DataError(f"Fashion-MNIST not found at {img_path}; install it with "
+                        f"'apt-get install dataset-fashion-mnist' (or set data.fmnist_dir)")
+    return (torch.from_numpy(read_idx_gz(img_path).copy()),
+            torch.from_numpy(read_idx_gz(lbl_path).astype(np.int64)))
+
+
+def fmnist_to_float(images_u8: torch.Tensor, size: int, in_chans: int = 3) -> torch.Tensor:
+    """28x28 uint8 -> float [N, C, size, size] in [0,1]: padded by 2 to 32 (the demo's layout)
+    when size == 32, else resized. Channels replicated to ``in_chans``."""
+    x = images_u8.float().div(255).unsqueeze(1)
+    if size == 32:
+        x = F.pad(x, (2, 2, 2, 2))
+    elif size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.expand(-1, in_chans, -1, -1)
+
+
+class FashionMNISTDataset(torch.utils.data.Dataset):
+    def __init__(self, folder, crop_size, crop_scale=(0.3, 1.0), in_chans=3, split="train", max_images=None):
+        images, labels = load_fmnist(folder, split)
+        if max_images:
+            images, labels = images[:max_images], labels[:max_images]
+        base = 32 if crop_size <= 32 else crop_size
+        self.images = fmnist_to_float(images, base, 1)   # replicate channels after the crop
+        self.labels = labels
+        self.crop_size, self.crop_scale, self.in_chans = crop_size, tuple(crop_scale), in_chans
+        self.epoch, self.seed = 0, 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        g = _gen(self.seed, self.epoch, i)
+        img = random_resized_crop(self.images[i], self.crop_size, self.crop_scale, g)
+        img = normalize(img.expand(self.in_chans, -1, -1), self.in_chans)
+        return img, int(self.labels[i]), ""
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Deterministic random images, for benchmarks and plumbing tests (no files needed)."""
+
+    def __init__(self, n, crop_size, in_chans=3):
+        self.n, self.crop_size, self.in_chans = n, crop_size, in_chans
+        self.epoch, self.seed = 0, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = _gen(self.seed, 7919, i)
+        return torch.randn(self.in_chans, self.crop_size, self.crop_size, generator=g), 0, ""
+
+
+def build_dataset(cfg):
+    d = cfg.data
+    if d.dataset == "fmnist":
+        return FashionMNISTDataset(d.fmnist_dir, d.crop_size, d.crop_scale, d.in_chans, "train", d.max_images)
+    if d.dataset == "synthetic":
+        return SyntheticDataset(d.max_images or d.synthetic_size, d.crop_size, d.in_chans)
+    root = os.path.join(d.root_path, d.image_folder) if d.image_folder else d.root_path
+    ds = ImageFolderDataset(root, d.crop_size, d.crop_scale, d.in_chans)
+    if d.max_images:
+        ds.samples = ds.samples[:d.max_images]
+    return ds
+
+
+# ----------------------------------------------------------------- loader
+class TrainLoader:
+    """Sharded, drop-last batches with DistributedSampler semantics and an exact resume point.
+
+    ``len(loader)`` = batches per epoch per rank = floor(ceil(N / world) / batch), as the
+    reference's DataLoader. ``epoch_batches(epoch, start)`` yields ``(images, labels)``
+    from batch ``start`` of ``epoch`` on; the order is a seeded permutation of the epoch.
+    """
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0,
+                 pin_memory=False, device=torch.device("cpu")):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_workers, self.pin_memory, self.device = num_workers, pin_memory, device
+        self.per_rank = math.ceil(len(dataset) / world_size)
+        self.bad_files: list[str] = []
+        if len(self) == 0:
+            raise DataError(f"{len(dataset)} images give no full batch of {batch_size} per rank "
+                            f"(world size {world_size}); lower data.batch_size")
+
+    def __len__(self):
+        return self.per_rank // self.batch_size
+
+    def indices(self, epoch: int) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        perm += perm[: self.per_rank * self.world_size - len(perm)]   # pad to equal shards
+        return perm[self.rank::self.world_size]
+
+    def epoch_batches(self, epoch: int, start: int = 0):
+        self.dataset.epoch, self.dataset.seed = epoch, self.seed
+        idx = self.indices(epoch)[start * self.batch_size: len(self) * self.batch_size]
+        sampler = torch.utils.data.BatchSampler(idx, self.batch_size, drop_last=True)
+        g = torch.Generator()
+        g.manual_seed(self.seed)   # DataLoader draws worker seeds from here, not the global RNG
+        dl = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory and self.device.type == "cuda", generator=g,
+            persistent_workers=False)
+        for images, labels, bad in dl:
+            for b in bad:
+                if b:
+                    self.bad_files.extend(b.split("\n"))
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
+    """The training loader named by ``data.loader`` (``torch`` here; ``dali`` when available)."""
+    d = cfg.data
+    kind = d.loader
+    if kind in ("dali", "auto") and d.dataset == "imagefolder":
+        try:
+            from engine import data_dali
+        except ImportError as e:
+            if kind == "dali":
+                raise DataError(f"data.loader: dali requested but unavailable ({e}); "
+                                f"pip install nvidia-dali-cuda130==2.4.0 or use data.loader: torch") from None
+        else:
+            return data_dali.build_dali_loader(cfg, rank, world_size, device)
+    elif kind == "dali":
+        raise DataError(f"data.loader: dali reads image folders only (data.dataset is {d.dataset!r}); "
+                        f"use data.loader: torch")
+    ds = build_dataset(cfg)
+    return TrainLoader(ds, d.batch_size, rank, world_size, seed=cfg.train.seed,
+                       num_workers=d.num_workers, pin_memory=d.pin_mem, device=device)

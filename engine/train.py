@@ -1,0 +1,317 @@
+"""The single-process training loop (CPU or one GPU), readable top to bottom.
+
+Order of operations inside one optimizer step is the reference's:
+lr/wd schedules -> target forward (no grad) -> context forward -> predictor -> smooth-L1
+loss -> backward -> optimizer step -> zero grad -> EMA of the target encoder. Beyond
+the reference: gradient accumulation, optional clipping, a non-finite guard (skip the
+step like the reference's GradScaler does, or stop with a checkpoint), atomic
+checkpoints with an exact resume point, SIGTERM/SIGINT -> checkpoint and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from engine.checkpoint import (build_state, load_file, paths, prune_step_checkpoints, restore,
+                               save_atomic)
+from engine.config import ConfigError, IJEPAConfig
+from engine.data import DataError, build_loader
+from engine.masks import MultiBlockMaskSampler
+from engine.model import build_model
+from engine.schedules import Schedules, apply_lr_wd
+
+log = logging.getLogger("ijepa")
+
+CSV_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "images/s", "lr", "wd", "skipped"]
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def build_optimizer(model, cfg, device):
+    kw = {}
+    if cfg.optimization.fused_optimizer:
+        kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(model.param_groups(), **kw)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, precision, device,
+               clip_grad=None, nonfinite="skip"):
+    """One optimizer step over ``micro_batches`` = [(images, masks_enc, masks_pred), ...].
+
+    Returns (mean loss tensor, skipped: bool). The loss stays on the device (no host sync
+    here except the non-finite check).
+    """
+    apply_lr_wd(optimizer, lr, wd)
+    n = len(micro_batches)
+    total = None
+    for images, masks_enc, masks_pred in micro_batches:
+        with autocast(device, precision):
+            loss = model(images, masks_enc, masks_pred)
+        (loss / n if n > 1 else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    total = total / n
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(g).all()) for g in grads)
+    skipped = False
+    if finite:
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
+        optimizer.step()
+    elif nonfinite == "stop":
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite loss or gradient (loss={float(total)})")
+    else:
+        skipped = True   # the reference's GradScaler skips such a step; schedules and EMA go on
+    optimizer.zero_grad(set_to_none=True)
+    model.update_target(momentum)
+    return total, skipped
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt   # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class _Progress:
+    def __init__(self, total_steps, enabled, stream=sys.stderr):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+        self.tty = enabled and stream.isatty()
+        self.t0 = time.time()
+
+    def update(self, step, epoch, loss, lr, ips, skipped, force=False):
+        if not self.enabled:
+            return
+        done = step + 1
+        eta = (time.time() - self.t0) / max(1, done - self.start) * (self.total - done)
+        line = (f"[ep {epoch + 1} step {done}/{self.total}] loss {loss:.4f} lr {lr:.2e} "
+                f"{ips:.1f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}"
+                + (f" skipped {skipped}" if skipped else ""))
+        if self.tty:
+            print("\r" + line.ljust(100), end="" if not force else "\n", file=self.stream, flush=True)
+        elif force:
+            print(line, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            print(file=self.stream, flush=True)
+
+
+def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int = 1) -> dict:
+    """Pretrain with ``cfg``. Returns a summary dict (steps, losses, paths, stop reason)."""
+    cfg.validate()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    precision = cfg.precision
+    folder, tag = cfg.logging.folder, cfg.logging.write_tag
+    os.makedirs(folder, exist_ok=True)
+    p = paths(folder, tag)
+
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
+    loader = build_loader(cfg, rank, world_size, device)
+    accum = cfg.optimization.grad_accum_steps
+    ipe = len(loader) // accum
+    if ipe == 0:
+        raise ConfigError(f"optimization.grad_accum_steps: {accum} exceeds the {len(loader)} batches per epoch")
+    sched = Schedules.from_config(cfg, ipe)
+    sampler = MultiBlockMaskSampler.from_config(cfg)
+    torch.manual_seed(cfg.train.seed)   # the global RNG drives reference-mode mask placement
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume:
+        if not os.path.isfile(p["latest"]):
+            raise ConfigError(f"--resume: no checkpoint at {p['latest']}; run without --resume to start fresh")
+        eng = restore(load_file(p["latest"]), model, optimizer, sampler)
+        step, epoch, batch_in_epoch = eng["step"], eng["epoch"], eng["batch_in_epoch"]
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", p["latest"], step, epoch + 1, batch_in_epoch)
+
+    from kernels.attention import attention_backend
+    log.info("device %s, precision %s, attention backend %s, %d steps/epoch, %d epochs",
+             device, precision, attention_backend(device, cfg.kernels.attention), ipe, cfg.optimization.epochs)
+
+    with open(os.path.join(folder, "params-ijepa.yaml"), "w") as f:
+        import yaml
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    csv_path = os.path.join(folder, f"{tag}_r{rank}.csv")
+    new_csv = not (resume and os.path.isfile(csv_path))
+    csv_file = open(csv_path, "w" if new_csv else "a", newline="")
+    writer = csv.writer(csv_file)
+    if new_csv:
+        writer.writerow(CSV_COLUMNS)
+    tb = _tensorboard(cfg, folder) if rank == 0 else None
+
+    total_steps = sched.total_steps
+    max_steps = min(total_steps, cfg.train.max_steps or total_steps)
+    progress = _Progress(max_steps, cfg.train.progress and rank == 0)
+    progress.start = step
+    losses, skipped_total, stop_reason, last_loss = [], 0, "finished", float("nan")
+    t_start = time.time()
+
+    def save(kind):
+        state = build_state(model, optimizer, cfg, epoch=epoch, step=step, batch_in_epoch=batch_in_epoch,
+                            loss=last_loss, sampler=sampler, world_size=world_size,
+                            extra={"skipped_steps": skipped_total, "bad_files": list(loader.bad_files)})
+        if rank != 0:
+            return
+        save_atomic(state, p["latest"])
+        if kind == "step" and cfg.checkpoint.keep_last > 0:
+            save_atomic(state, p["step"].format(step=step))
+            prune_step_checkpoints(folder, tag, cfg.checkpoint.keep_last)
+        if kind == "epoch" and cfg.checkpoint.save_every_epochs and epoch % cfg.checkpoint.save_every_epochs == 0:
+            save_atomic(state, p["epoch"].format(epoch=epoch))
+
+    with _StopFlag() as stop:
+        while step < max_steps and epoch < cfg.optimization.epochs:
+            batches = loader.epoch_batches(epoch, batch_in_epoch)
+            while batch_in_epoch + accum <= ipe * accum and step < max_steps:
+                t0 = time.time()
+                micro = []
+                for _ in range(accum):
+                    images, _labels = next(batches)
+                    masks_enc, masks_pred = sampler(len(images))
+                    micro.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
+                try:
+                    loss, skipped = train_step(
+                        model, optimizer, micro, lr=sched.lr(step), wd=sched.wd(step),
+                        momentum=sched.momentum(step), precision=precision, device=device,
+                        clip_grad=cfg.optimization.clip_grad, nonfinite=cfg.train.nonfinite)
+                except NonFiniteError:
+                    save("final")   # the state before this step: nothing is lost
+                    csv_file.close()
+                    raise
+                last_loss = float(loss)
+                dt = time.time() - t0
+                ips = accum * len(micro[0][0]) / max(dt, 1e-9)
+                skipped_total += int(skipped)
+                losses.append(last_loss)
+                writer.writerow([epoch + 1, batch_in_epoch // accum, f"{last_loss:.5f}", micro[0][1][0].shape[1],
+                                 micro[0][2][0].shape[1], int(dt * 1000), f"{ips:.1f}", f"{sched.lr(step):.3e}",
+                                 f"{sched.wd(step):.3e}", skipped_total])
+                if tb is not None:
+                    tb.add_scalar("train/loss", last_loss, step)
+                    tb.add_scalar("train/lr", sched.lr(step), step)
+                    tb.add_scalar("train/images_per_s", ips, step)
+                step += 1
+                batch_in_epoch += accum
+                progress.update(step - 1, epoch, last_loss, sched.lr(step - 1), ips, skipped_total,
+                                force=(step % cfg.logging.log_every == 0))
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    save("step")
+                    csv_file.flush()
+                out_of_time = cfg.train.max_minutes and (time.time() - t_start) / 60 >= cfg.train.max_minutes
+                if stop.signal is not None or out_of_time:
+                    stop_reason = (f"signal {signal.Signals(stop.signal).name}" if stop.signal is not None
+                                   else "time limit")
+                    break
+            if stop_reason != "finished":
+                break
+            if batch_in_epoch + accum > ipe * accum:   # epoch complete
+                epoch += 1
+                batch_in_epoch = 0
+                save("epoch")
+        progress.close()
+        if stop_reason == "finished" and step >= max_steps and batch_in_epoch != 0:
+            stop_reason = "max_steps"
+        save("final")
+    csv_file.close()
+    if tb is not None:
+        tb.close()
+    if loader.bad_files:
+        log.warning("%d unreadable image(s) were skipped and replaced; first: %s",
+                    len(loader.bad_files), loader.bad_files[0])
+    return {"steps": step, "epoch": epoch, "losses": losses, "skipped": skipped_total,
+            "stop_reason": stop_reason, "checkpoint": p["latest"], "csv": csv_path, "folder": folder,
+            "bad_files": list(loader.bad_files), "model": model}
+
+
+def _tensorboard(cfg, folder):
+    if not cfg.logging.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as e:   # tensorboard not installed: logging goes on without it
+        log.warning("TensorBoard disabled (%s)", e)
+        return None
+    return SummaryWriter(os.path.join(folder, "tb"))
+
+
+# ----------------------------------------------------------------- CLI
+def add_parser(sub):
+    p = sub.add_parser("train", help="pretrain I-JEPA from a config file",
+                       description="Pretrain I-JEPA. The config is the reference's YAML layout (its files load "
+                                   "unchanged) plus the engine's sections; see configs/.")
+    p.add_argument("--config", required=True, help="YAML config file (engine or reference format)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one config value, e.g. data.batch_size=32 (repeatable; value parsed as YAML)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from {logging.folder}/{write_tag}-latest.pth.tar exactly where it stopped")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="train through DeepSpeed ZeRO at this stage (launch with torchrun/deepspeed for >1 rank)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = IJEPAConfig.from_yaml(args.config, args.override)
+    if args.quiet:
+        cfg.train.progress = False
+    try:
+        if args.zero is not None or cfg.deepspeed is not None:
+            from engine.distributed import train_deepspeed
+            out = train_deepspeed(cfg, zero_stage=args.zero, resume=args.resume)
+        else:
+            out = train(cfg, resume=args.resume)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    except NonFiniteError as e:
+        print(f"ijepa: stopped: {e}; checkpoint kept at {paths(cfg.logging.folder, cfg.logging.write_tag)['latest']}",
+              file=sys.stderr)
+        return 1
+    print(f"trained {out['steps']} steps ({out['stop_reason']}); last loss "
+          f"{out['losses'][-1] if out['losses'] else float('nan'):.4f}", file=sys.stderr)
+    print(f"checkpoint: {out['checkpoint']}\nlog: {out['csv']}", file=sys.stderr)
+    return 0
