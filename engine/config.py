@@ -136,6 +136,8 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
     nonfinite: str = "skip"       # skip (reference behaviour) | stop
     progress: bool = True         # progress bar on stderr
+    # fast-path switches (each keeps the reference's numbers within fp32 rounding)
+    skip_unused_rows: bool = True  # predictor's last block: no query/MLP work for context rows
 
 
 @dataclass
