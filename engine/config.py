@@ -66,6 +66,7 @@ class DataConfig:
     synthetic_size: int = 1024        # images per epoch for dataset: synthetic
     fmnist_dir: str = "/usr/share/datasets/fashion-mnist"
     max_images: Optional[int] = None  # use only the first N images (quick runs)
+    prefetch: int = 2                 # batches (with their masks) prepared ahead in a thread; 0 = inline
 
 
 @dataclass

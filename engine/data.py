@@ -280,3 +280,89 @@ def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     ds = build_dataset(cfg)
     return TrainLoader(ds, d.batch_size, rank, world_size, seed=cfg.train.seed,
                        num_workers=d.num_workers, pin_memory=d.pin_mem, device=device)
+
+
+# ----------------------------------------------------------------- prefetch
+class BatchPrefetcher:
+    """Loads batches and samples their masks ahead of the training step, in a background thread.
+
+    Reference-mode masks draw positions from the global torch RNG, so the order of draws is
+    what makes a run reproducible. Only this producer draws from it while it runs, and every
+    produced item remembers the RNG state and sampler counter from before its draw. ``stop()``
+    rewinds both to the first item that was produced but not consumed, so a checkpoint saved
+    after ``stop()`` (and the run continuing after it) sees exactly the state of a run without
+    prefetching. ``depth=0`` produces inline, on demand.
+    """
+
+    def __init__(self, loader, sampler, device, depth: int = 2):
+        import queue
+        import threading
+        self.loader, self.sampler, self.device, self.depth = loader, sampler, device, depth
+        self._queue_mod, self._threading = queue, threading
+        self._thread = None
+        self._gen = None
+
+    def _produce(self, batches):
+        snap = (torch.get_rng_state(), self.sampler.state_dict())
+        images, labels = next(batches)
+        masks_enc, masks_pred = self.sampler(len(images))
+        return snap, images, [m.to(self.device, non_blocking=True) for m in masks_enc], \
+            [m.to(self.device, non_blocking=True) for m in masks_pred]
+
+    def start(self, epoch: int, start_batch: int, count: int):
+        """Serve ``count`` batches of ``epoch`` from batch ``start_batch`` on."""
+        batches = self.loader.epoch_batches(epoch, start_batch)
+        self._pending = []
+        if self.depth <= 0:
+            self._gen = (self._produce(batches) for _ in range(count))
+            return
+        self._q = self._queue_mod.Queue(maxsize=self.depth)
+        self._stop = self._threading.Event()
+
+        def run():
+            try:
+                for _ in range(count):
+                    item = self._produce(batches)
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.1)
+                            break
+                        except self._queue_mod.Full:
+                            continue
+                    if self._stop.is_set():
+                        self._pending.append(item)   # produced, never served: rewound by stop()
+                        return
+            except BaseException as e:  # surfaces in get(), on the training thread
+                self._q.put(e)
+
+        self._thread = self._threading.Thread(target=run, name="ijepa-prefetch", daemon=True)
+        self._thread.start()
+
+    def get(self):
+        """(images, masks_enc, masks_pred) of the next batch."""
+        if self._thread is None:
+            _, images, me, mp = next(self._gen)
+            return images, me, mp
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        _, images, me, mp = item
+        return images, me, mp
+
+    def stop(self):
+        """Stop producing and rewind the RNG/sampler to the first unserved batch."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        unserved = []
+        while not self._q.empty():
+            item = self._q.get_nowait()
+            if not isinstance(item, BaseException):
+                unserved.append(item)
+        unserved += self._pending
+        if unserved:
+            rng, sampler_state = unserved[0][0]
+            torch.set_rng_state(rng)
+            self.sampler.load_state_dict(sampler_state)

@@ -24,7 +24,7 @@ import torch
 from engine.checkpoint import (build_state, load_file, paths, prune_step_checkpoints, restore,
                                save_atomic)
 from engine.config import ConfigError, IJEPAConfig
-from engine.data import DataError, build_loader
+from engine.data import BatchPrefetcher, DataError, build_loader
 from engine.masks import MultiBlockMaskSampler
 from engine.model import build_model
 from engine.schedules import Schedules, apply_lr_wd
@@ -196,8 +196,11 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
     losses, skipped_total, stop_reason, last_loss = [], 0, "finished", float("nan")
     t_start = time.time()
 
+    prefetch = BatchPrefetcher(loader, sampler, device, depth=cfg.data.prefetch)
+
     def save(kind):
         flush()
+        prefetch.stop()   # rewinds RNG/sampler to the first unserved batch: an exact resume point
         state = build_state(model, optimizer, cfg, epoch=epoch, step=step, batch_in_epoch=batch_in_epoch,
                             loss=last_loss, sampler=sampler, world_size=world_size,
                             extra={"skipped_steps": skipped_total, "bad_files": list(loader.bad_files)})
@@ -237,13 +240,9 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
 
     with _StopFlag() as stop:
         while step < max_steps and epoch < cfg.optimization.epochs:
-            batches = loader.epoch_batches(epoch, batch_in_epoch)
+            prefetch.start(epoch, batch_in_epoch, ipe * accum - batch_in_epoch)
             while batch_in_epoch + accum <= ipe * accum and step < max_steps:
-                micro = []
-                for _ in range(accum):
-                    images, _labels = next(batches)
-                    masks_enc, masks_pred = sampler(len(images))
-                    micro.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
+                micro = [prefetch.get() for _ in range(accum)]
                 try:
                     loss, skipped = train_step(
                         model, optimizer, micro, lr=sched.lr(step), wd=sched.wd(step),
@@ -262,6 +261,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save("step")
                     csv_file.flush()
+                    prefetch.start(epoch, batch_in_epoch, ipe * accum - batch_in_epoch)
                 out_of_time = cfg.train.max_minutes and (time.time() - t_start) / 60 >= cfg.train.max_minutes
                 if stop.signal is not None or out_of_time:
                     stop_reason = (f"signal {signal.Signals(stop.signal).name}" if stop.signal is not None
@@ -269,6 +269,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                     break
             if stop_reason != "finished":
                 break
+            prefetch.stop()
             if batch_in_epoch + accum > ipe * accum:   # epoch complete
                 epoch += 1
                 batch_in_epoch = 0
