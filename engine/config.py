@@ -139,6 +139,8 @@ class TrainConfig:
     progress: bool = True         # progress bar on stderr
     # fast-path switches (each keeps the reference's numbers within fp32 rounding)
     skip_unused_rows: bool = True  # predictor's last block: no query/MLP work for context rows
+    compile: bool = False          # torch.compile each transformer block (dynamic token count)
+    activation_checkpointing: bool = False  # recompute encoder/predictor blocks in backward (memory)
 
 
 @dataclass

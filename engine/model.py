@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels.attention as katt
 import kernels.ema as kema
@@ -109,9 +110,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
+    checkpointed = False   # recompute activations in backward (saves memory, costs a forward)
+
     def forward(self, x, keep_from: int | None = None):
         """``keep_from``: return only rows ``keep_from:``; the rows before it still serve as
         keys/values but their own query, projection and MLP are never computed."""
+        if self.checkpointed and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, use_reentrant=False)
+        return self._forward(x, keep_from)
+
+    def _forward(self, x, keep_from: int | None = None):
         y = self.attn(self.norm1(x), keep_from)
         x = (x if keep_from is None else x[:, keep_from:]) + y
         return x + self.mlp(self.norm2(x))
@@ -298,6 +306,18 @@ class IJEPA(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
+        if cfg.train.activation_checkpointing:
+            for blk in list(self.encoder.blocks) + list(self.predictor.predictor_blocks):
+                blk.checkpointed = True
+        if cfg.train.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self):
+        """Regional compilation: each block is compiled once and reused by every layer, with the
+        token dimension dynamic so changing mask sizes do not recompile every step."""
+        for blocks in (self.encoder.blocks, self.predictor.predictor_blocks, self.target_encoder.blocks):
+            for blk in blocks:
+                blk.compile(dynamic=True)
 
     def set_backends(self, attention=None, gather=None, ema=None):
         for m in (self.encoder, self.predictor, self.target_encoder):
