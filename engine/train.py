@@ -235,6 +235,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                 tb.add_scalar("train/images_per_s", nimg / dt, st)
         w = window[-1]
         progress.update(w[2], w[0], last_loss, sched.lr(w[2]), w[7] / dt, skipped_total, force=True)
+        csv_file.flush()   # the log on disk is never more than log_every steps behind
         window.clear()
         t_window[0] = time.time()
 
