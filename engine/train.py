@@ -24,6 +24,7 @@ import torch
 from engine.checkpoint import (build_state, load_file, paths, prune_step_checkpoints, restore,
                                save_atomic)
 from engine.config import ConfigError, IJEPAConfig
+from engine.diagnostics import step_stats, warnings_for
 from engine.data import BatchPrefetcher, DataError, build_loader
 from engine.masks import MultiBlockMaskSampler
 from engine.model import build_model
@@ -31,7 +32,9 @@ from engine.schedules import Schedules, apply_lr_wd
 
 log = logging.getLogger("ijepa")
 
-CSV_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "images/s", "lr", "wd", "skipped"]
+CSV_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "images/s", "lr", "wd", "skipped",
+               "target_std", "target_erank", "pred_std"]
+DIAG_KEYS = ("target_std", "target_erank", "pred_std")
 
 
 class NonFiniteError(RuntimeError):
@@ -60,9 +63,10 @@ def autocast(device: torch.device, precision: str):
 
 
 def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, precision, device,
-               clip_grad=None, nonfinite="skip"):
+               clip_grad=None, nonfinite="skip", diagnostics=None):
     """One optimizer step over ``micro_batches`` = [(images, masks_enc, masks_pred), ...].
 
+    ``diagnostics``: a dict to fill with collapse statistics of this step (see engine.diagnostics).
     Returns ``(mean loss, skipped)`` as device tensors (``skipped`` is 1.0 when the step had a
     non-finite loss or gradient). With a fused optimizer the skip decision stays on the device
     (the optimizer reads ``found_inf``, as under a GradScaler), so the step never waits for the
@@ -71,9 +75,13 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, precision, 
     apply_lr_wd(optimizer, lr, wd)
     n = len(micro_batches)
     total = None
-    for images, masks_enc, masks_pred in micro_batches:
+    for i, (images, masks_enc, masks_pred) in enumerate(micro_batches):
         with autocast(device, precision):
-            loss = model(images, masks_enc, masks_pred)
+            if diagnostics is not None and i == 0:
+                loss, z, h = model.forward_parts(images, masks_enc, masks_pred)
+                diagnostics.update(step_stats(z.detach(), h))   # device tensors, no extra forward
+            else:
+                loss = model(images, masks_enc, masks_pred)
         (loss / n if n > 1 else loss).backward()
         total = loss.detach().float() if total is None else total + loss.detach().float()
     total = total / n
@@ -194,6 +202,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
     progress = _Progress(max_steps, cfg.train.progress and rank == 0)
     progress.start = step
     losses, skipped_total, stop_reason, last_loss = [], 0, "finished", float("nan")
+    diagnostics, collapse_warnings = [], []
     t_start = time.time()
 
     prefetch = BatchPrefetcher(loader, sampler, device, depth=cfg.data.prefetch)
@@ -223,16 +232,25 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
         vals = torch.stack([torch.stack([w[3], w[4]]) for w in window]).tolist()
         dt = (time.time() - t_window[0]) / len(window)
         for w, (lv, sk) in zip(window, vals):
-            ep, itr, st, _, _, ka, kb, nimg = w
+            ep, itr, st, _, _, ka, kb, nimg, dg = w
             skipped_total += int(sk)
             last_loss = lv
             losses.append(lv)
+            dg = {k: float(v) for k, v in dg.items()} if dg else {}
+            if dg:
+                diagnostics.append({"step": st, **dg})
+                for msg in warnings_for(dg):
+                    collapse_warnings.append((st, msg))
+                    log.warning("step %d: %s", st + 1, msg)
             writer.writerow([ep + 1, itr, f"{lv:.5f}", ka, kb, int(dt * 1000), f"{nimg / dt:.1f}",
-                             f"{sched.lr(st):.3e}", f"{sched.wd(st):.3e}", skipped_total])
+                             f"{sched.lr(st):.3e}", f"{sched.wd(st):.3e}", skipped_total]
+                            + [f"{dg[k]:.4g}" if k in dg else "" for k in DIAG_KEYS])
             if tb is not None:
                 tb.add_scalar("train/loss", lv, st)
                 tb.add_scalar("train/lr", sched.lr(st), st)
                 tb.add_scalar("train/images_per_s", nimg / dt, st)
+                for k, v in dg.items():
+                    tb.add_scalar(f"collapse/{k}", v, st)
         w = window[-1]
         progress.update(w[2], w[0], last_loss, sched.lr(w[2]), w[7] / dt, skipped_total, force=True)
         csv_file.flush()   # the log on disk is never more than log_every steps behind
@@ -244,17 +262,20 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
             prefetch.start(epoch, batch_in_epoch, ipe * accum - batch_in_epoch)
             while batch_in_epoch + accum <= ipe * accum and step < max_steps:
                 micro = [prefetch.get() for _ in range(accum)]
+                de = cfg.logging.diagnostics_every
+                diag = {} if de and (step % de == 0 or step + 1 == max_steps) else None
                 try:
                     loss, skipped = train_step(
                         model, optimizer, micro, lr=sched.lr(step), wd=sched.wd(step),
                         momentum=sched.momentum(step), precision=precision, device=device,
-                        clip_grad=cfg.optimization.clip_grad, nonfinite=cfg.train.nonfinite)
+                        clip_grad=cfg.optimization.clip_grad, nonfinite=cfg.train.nonfinite,
+                        diagnostics=diag)
                 except NonFiniteError:
                     save("final")   # the state before this step: nothing is lost
                     csv_file.close()
                     raise
                 window.append((epoch, batch_in_epoch // accum, step, loss, skipped,
-                               micro[0][1][0].shape[1], micro[0][2][0].shape[1], accum * len(micro[0][0])))
+                               micro[0][1][0].shape[1], micro[0][2][0].shape[1], accum * len(micro[0][0]), diag))
                 step += 1
                 batch_in_epoch += accum
                 if step % cfg.logging.log_every == 0 or step == max_steps:
@@ -287,7 +308,8 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                     len(loader.bad_files), loader.bad_files[0])
     return {"steps": step, "epoch": epoch, "losses": losses, "skipped": skipped_total,
             "stop_reason": stop_reason, "checkpoint": p["latest"], "csv": csv_path, "folder": folder,
-            "bad_files": list(loader.bad_files), "model": model}
+            "bad_files": list(loader.bad_files), "model": model, "diagnostics": diagnostics,
+            "collapse_warnings": collapse_warnings}
 
 
 def _tensorboard(cfg, folder):
