@@ -183,4 +183,5 @@ def test_nonfinite_stop_mode_keeps_a_checkpoint(tmp_path, monkeypatch):
     out = train(smoke(tmp_path / "skip"))     # same data, skip mode: trains through
     assert out["skipped"] == 8 and out["steps"] == 16
     rows = open(out["csv"]).read().strip().splitlines()
-    assert rows[-1].split(",")[-1] == "8"
+    col = rows[0].split(",").index("skipped")
+    assert rows[-1].split(",")[col] == "8"
