@@ -50,6 +50,7 @@ FORMATS = ("engine", "reference", "hf", "timm")
 REFERENCE_FIELDS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
                     "batch_size", "world_size", "lr")
 LAYER_NORM_EPS = 1e-6   # every reference factory model; the engine's ViT hard-codes it too
+ENGINE_FORMAT = 1   # engine.checkpoint.FORMAT_VERSION, the layout of the "engine" entry
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 
@@ -223,8 +224,10 @@ def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = Non
         return _timm_checkpoint(load_file(path), meta, num_heads, path)
     obj = safe_torch_load(path)
     detected = _detect_torch_object(obj, path)
+    if fmt == "reference" and detected == "engine":
+        detected = "reference"      # an engine file is a reference file plus the engine block
     if fmt not in ("auto", detected):
-        raise _usage_error(f"{path}: holds a {detected} checkpoint, not {fmt}")
+        raise _usage_error(f"{path}: holds {detected} weights, not {fmt}")
     if detected == "timm":
         return _timm_checkpoint(obj, {}, num_heads, path)
     return _reference_checkpoint(obj, detected, num_heads, path)
@@ -483,9 +486,17 @@ def _engine_dict(ck: Checkpoint) -> dict:
     if ck.engine is not None:
         out.update(ck.extras)
         out["engine"] = ck.engine
-    else:
-        out["engine"] = {"version": __version__, "config": engine_config_for(ck), "step": 0,
-                         "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
+        return out
+    config = engine_config_for(ck)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["train"]["seed"])
+        rng = torch.get_rng_state()
+    # A converted file starts a NEW engine run from these weights (and optimizer state): step,
+    # epoch and data position are 0, the RNG is the seeded state; the reference's own ``epoch``
+    # stays in the top-level field.
+    out["engine"] = {"format": ENGINE_FORMAT, "version": __version__, "config": config, "step": 0, "epoch": 0,
+                     "batch_in_epoch": 0, "sampler": None, "rng_cpu": rng, "rng_cuda": [],
+                     "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
     return out
 
 

@@ -8,9 +8,11 @@ points in calibration).
 * Linear probe: features standardised with the labelled set's mean/std (zero-variance dims
   left at scale 1), multinomial logistic regression with an L2 penalty on the weights (not
   the bias), the objective of scikit-learn's ``LogisticRegression(C=...)``:
-  ``C * sum_i CE_i + ||W||^2 / 2``, solved full-batch by L-BFGS (strong-Wolfe line search) in
-  float64. ``C`` is chosen from ``PROBE_CS`` on a stratified 20 % held-out part of the
-  labelled set, then refitted on all of it; the test accuracy of every ``C`` is reported too.
+  ``C * sum_i CE_i + ||W||^2 / 2``, solved full-batch by L-BFGS (strong-Wolfe line search; stop
+  when the largest gradient entry of the per-sample-mean objective is below 1e-4, sklearn's
+  ``tol``, or after 1000 iterations) in float64 on one CPU thread. ``C`` is chosen from
+  ``PROBE_CS`` on a stratified 20 % held-out part of the labelled set, then refitted on all of
+  it; the test accuracy of every ``C`` is reported too.
 * k-NN: cosine similarity of L2-normalised features, k = 20, votes weighted by
   ``exp(similarity / 0.07)`` (the DINO protocol); ``vote="majority"`` counts neighbours.
 
@@ -18,10 +20,12 @@ Data
 * Fashion-MNIST (Debian ``dataset-fashion-mnist``): labelled training images are the first n of
   ``numpy.random.default_rng(0).permutation(60000)`` (``--labels-per-class``: the first n of
   each class in that order), so results compare with the documented raw-pixel baseline; the
-  test set is the official 10k split. Pixels -> [0, 1]; for a 32 px encoder the 28x28 image is
-  zero-padded by 2 on every side (black, like the background); for any other size except 28 it
-  is resized (bilinear, antialiased); the channel is replicated when the encoder takes 3;
-  then ImageNet mean/std (1 channel: their averages 0.449 / 0.226).
+  test set is the official 10k split. The images are the training data path's full view
+  (``engine.data``: pretraining pads 28 -> 32 for crops up to 32 px and random-resized-crops
+  that): pixels -> [0, 1]; crop <= 32 px: zero-pad by 2 on every side to 32x32 (black, like the
+  background), then resize to the crop when it is smaller than 32; crop > 32 px: resize 28 ->
+  crop (bilinear, antialiased, as ``engine.data``); the channel is replicated when the encoder
+  takes 3; normalised with ImageNet mean/std (1 channel: 0.5 / 0.5, as ``engine.data``).
 * ``imagefolder:PATH``: ``PATH/train`` (labelled) and ``PATH/val`` (test), class subfolders;
   resize the short side to ``round(crop * 256 / 224)`` (bilinear), center crop, ImageNet
   mean/std.
@@ -44,7 +48,7 @@ from engine.model import VisionTransformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-GREY_MEAN, GREY_STD = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+GREY_MEAN, GREY_STD = 0.5, 0.5   # one-channel normalisation of the training data path
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot")
@@ -189,7 +193,7 @@ def _standardiser(x: torch.Tensor):
     return lambda z: (z - mean) / std
 
 
-def _fit_logreg(x, y, n_classes, C, max_iter=500, tol=1e-4, init=None):
+def _fit_logreg(x, y, n_classes, C, max_iter=1000, tol=1e-4, init=None):
     """Minimise mean CE + ||W||^2 / (2 C n): sklearn's ``C * sum CE + ||W||^2 / 2`` divided by n."""
     n, d = x.shape
     with torch.enable_grad():
@@ -231,7 +235,7 @@ def _stratified_holdout(y: torch.Tensor, fraction: float, seed: int):
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, Cs: Sequence[float] = PROBE_CS,
-                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 500, tol: float = 1e-4,
+                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000, tol: float = 1e-4,
                  dtype=torch.float64) -> dict:
     """Logistic-regression probe (see the module doc). Returns a dict with ``top1`` (test accuracy
     in %, with ``C`` chosen on the held-out split), ``C``, ``val_top1`` and ``test_top1`` per C
@@ -421,12 +425,12 @@ def labelled_subset(labels: np.ndarray, n: Optional[int] = None, per_class: Opti
 
 def fmnist_to_tensor(images: np.ndarray, crop_size: int, in_chans: int = 3) -> torch.Tensor:
     """uint8 ``[N, 28, 28]`` -> normalised float ``[N, in_chans, crop, crop]`` (the rule in the
-    module doc: pad 2 px to 32, identity at 28, resize otherwise)."""
+    module doc: pad 2 px to 32 for crops up to 32, then resize to the crop if smaller; resize
+    28 -> crop above 32)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
-    side = x.shape[-1]
-    if crop_size == side + 4:
+    if crop_size <= 32:
         x = F.pad(x, (2, 2, 2, 2), value=0.0)
-    elif crop_size != side:
+    if x.shape[-1] != crop_size:
         x = F.interpolate(x, size=(crop_size, crop_size), mode="bilinear", align_corners=False, antialias=True)
     if in_chans == 3:
         x = x.expand(-1, 3, -1, -1)
@@ -496,8 +500,9 @@ def load_eval_data(spec: str, crop_size: int, in_chans: int, labels: Optional[in
         tr_img = tr_img[idx]
         rule = (f"first {labels} of numpy.random.default_rng(0).permutation(60000)" if labels else
                 f"first {labels_per_class} per class in numpy.random.default_rng(0).permutation(60000)")
-        prep = ("28->32 zero pad" if crop_size == 32 else "28 px as is" if crop_size == 28 else
-                f"28->{crop_size} bilinear resize") + f", {in_chans} channel(s), ImageNet mean/std"
+        prep = ("28->32 zero pad" if crop_size == 32 else f"28->32 zero pad, resize to {crop_size}"
+                if crop_size < 32 else f"28->{crop_size} bilinear resize") + \
+            f", {in_chans} channel(s), " + ("ImageNet mean/std" if in_chans == 3 else "mean/std 0.5")
 
         class _Source:   # re-iterable: the baseline encoder walks the same images again
             def __init__(self, imgs):

@@ -1,4 +1,5 @@
-"""A tiny engine checkpoint in the engine's file format (the reference's keys + ``engine``),
+"""A tiny engine checkpoint in the engine's file format (the reference's keys + ``engine``, laid
+out as ``engine.checkpoint.build_state`` writes it),
 shared by the evaluation and conversion tests. Width 48 is deliberately not a reference factory
 size, so nothing can fall back to a factory head count by accident."""
 import torch
@@ -36,7 +37,9 @@ def make_engine_checkpoint(path, seed=0):
         model.update_target(0.5)
     ckpt = {**model.reference_state_dict(), "opt": opt.state_dict(), "scaler": None, "epoch": 1,
             "loss": float(loss.detach()), "batch_size": 4, "world_size": 1, "lr": 1e-2,
-            "engine": {"version": engine.__version__, "config": cfg.to_dict(), "step": 2}}
+            "engine": {"format": 1, "version": engine.__version__, "config": cfg.to_dict(), "step": 2, "epoch": 1,
+                       "batch_in_epoch": 0, "sampler": {"epoch": 1, "counter": 7}, "rng_cpu": torch.get_rng_state(),
+                       "rng_cuda": []}}
     torch.save(ckpt, path)
     return ckpt
 

@@ -166,9 +166,16 @@ def test_fashion_mnist_pad_and_resize_rules(fmnist):
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert pixels[:, :, border].abs().max() < 1e-6, "padding is black (0) before normalisation"
-    assert fmnist_to_tensor(imgs, 28, 1).shape == (4, 1, 28, 28)
+    # smaller crops see the padded 32 px image, as pretraining does; one channel: mean/std 0.5
+    grey = fmnist_to_tensor(imgs, 16, 1)
+    padded = torch.nn.functional.pad(torch.from_numpy(imgs).float().div(255).unsqueeze(1), (2, 2, 2, 2))
+    expect = torch.nn.functional.interpolate(padded, size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(grey * 0.5 + 0.5, expect, atol=1e-6, rtol=0)
+    # larger crops: the 28 px image resized directly (no padding)
     resized = fmnist_to_tensor(imgs, 64, 3)
-    assert resized.shape == (4, 3, 64, 64) and not torch.isnan(resized).any()
+    direct = torch.nn.functional.interpolate(torch.from_numpy(imgs).float().div(255).unsqueeze(1), size=(64, 64),
+                                             mode="bilinear", antialias=True)
+    torch.testing.assert_close(resized * std + mean, direct.expand(-1, 3, -1, -1), atol=1e-6, rtol=0)
 
 
 def test_imagefolder_data(ckpt, tmp_path, fmnist):
