@@ -9,7 +9,7 @@ from PIL import Image
 
 import engine
 from engine.cli import main as cli
-from engine.eval import (FMNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, collapse_stats, evaluate, extract_features,
+from engine.eval import (IMAGENET_MEAN, IMAGENET_STD, collapse_stats, evaluate, extract_features,
                          fmnist_to_tensor, knn, labelled_subset, linear_probe, load_encoder, load_fmnist,
                          random_encoder_like, raw_pixel_probe)
 from engine.plots import PALETTE, nice_ticks, save_line_plot, save_table_png
