@@ -134,42 +134,57 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f"no readable image in {self.root}")
 
 
-def read_idx_gz(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzip or plain) of unsigned bytes as a writable numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
         data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file")
+    if data[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{data[2]:02x}; only unsigned bytes (0x08) are read")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
-def load_fmnist(folder: str, split: str = "train"):
-    """uint8 images [N, 28, 28] and int64 labels [N] from the Debian package's files."""
-    prefix = "train" if split == "train" else "t10k"
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"   # where the Debian package puts it
+
+
+def load_fmnist(split: str = "train", folder: str = FMNIST_DIR):
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` numpy arrays of the official ``train``
+    (60k) or ``test`` (10k) split, from the Debian package's files."""
+    prefix = {"train": "train", "test": "t10k"}[split]
     img_path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
     lbl_path = os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")
-    if not os.path.isfile(img_path):
-        raise DataError(f"Fashion-MNIST not found at {img_path}; install it with "
-                        f"'apt-get install dataset-fashion-mnist' (or set data.fmnist_dir)")
-    return (torch.from_numpy(read_idx_gz(img_path).copy()),
-            torch.from_numpy(read_idx_gz(lbl_path).astype(np.int64)))
+    for path in (img_path, lbl_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing; install Fashion-MNIST with 'apt-get install -y "
+                            f"dataset-fashion-mnist' (as root), or set data.fmnist_dir")
+    images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
 
 
-def fmnist_to_float(images_u8: torch.Tensor, size: int, in_chans: int = 3) -> torch.Tensor:
-    """28x28 uint8 -> float [N, C, size, size] in [0,1]: padded by 2 to 32 (the demo's layout)
-    when size == 32, else resized. Channels replicated to ``in_chans``."""
-    x = images_u8.float().div(255).unsqueeze(1)
-    if size == 32:
+def fmnist_to_float(images_u8, size: int, in_chans: int = 3) -> torch.Tensor:
+    """28x28 uint8 -> float [N, C, size, size] in [0, 1]. Crops up to 32 px: padded by 2 to 32
+    (the demo's layout) then resized if smaller; larger crops: resized from 28. Channels
+    replicated to ``in_chans``."""
+    x = torch.as_tensor(np.ascontiguousarray(images_u8)).float().div(255).unsqueeze(1)
+    if size <= 32:
         x = F.pad(x, (2, 2, 2, 2))
-    elif size != 28:
+    if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.expand(-1, in_chans, -1, -1)
 
 
 class FashionMNISTDataset(torch.utils.data.Dataset):
     def __init__(self, folder, crop_size, crop_scale=(0.3, 1.0), in_chans=3, split="train", max_images=None):
-        images, labels = load_fmnist(folder, split)
+        images, labels = load_fmnist(split, folder)
         if max_images:
             images, labels = images[:max_images], labels[:max_images]
+        labels = torch.from_numpy(labels)
         base = 32 if crop_size <= 32 else crop_size
         self.images = fmnist_to_float(images, base, 1)   # replicate channels after the crop
         self.labels = labels

@@ -32,11 +32,9 @@ Data
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
-import struct
 import time
 from typing import Iterable, Optional, Sequence, Union
 
@@ -49,7 +47,7 @@ from engine.model import VisionTransformer
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GREY_MEAN, GREY_STD = 0.5, 0.5   # one-channel normalisation of the training data path
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from engine.data import FMNIST_DIR  # noqa: E402
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot")
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)
@@ -368,34 +366,14 @@ def collapse_stats(features, dead_fraction_of_rms: float = 1e-2) -> dict:
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (gzip or plain) of unsigned bytes as a numpy array."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise _usage_error(f"{path}: not an IDX file")
-    if data[2] != 0x08:
-        raise _usage_error(f"{path}: IDX element type 0x{data[2]:02x}; only unsigned bytes (0x08) are read")
-    ndim = data[3]
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable
-
-
 def load_fmnist(split: str = "train", root: str = FMNIST_DIR):
-    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the official ``train`` (60k) or
-    ``test`` (10k) split."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-    img_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
-    lbl_path = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
-    for p in (img_path, lbl_path):
-        if not os.path.isfile(p):
-            raise _usage_error(f"{p}: missing; install Fashion-MNIST with 'apt-get install -y "
-                               f"dataset-fashion-mnist' (as root)")
-    images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
-    if images.shape[0] != labels.shape[0]:
-        raise _usage_error(f"{root}: {images.shape[0]} images but {labels.shape[0]} labels")
-    return images, labels
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the official split (engine.data's reader;
+    a missing or malformed file is a usage error here)."""
+    from engine.data import DataError, load_fmnist as _load
+    try:
+        return _load(split, root)
+    except DataError as e:
+        raise _usage_error(str(e)) from None
 
 
 def labelled_subset(labels: np.ndarray, n: Optional[int] = None, per_class: Optional[int] = None,
@@ -427,11 +405,8 @@ def fmnist_to_tensor(images: np.ndarray, crop_size: int, in_chans: int = 3) -> t
     """uint8 ``[N, 28, 28]`` -> normalised float ``[N, in_chans, crop, crop]`` (the rule in the
     module doc: pad 2 px to 32 for crops up to 32, then resize to the crop if smaller; resize
     28 -> crop above 32)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
-    if crop_size <= 32:
-        x = F.pad(x, (2, 2, 2, 2), value=0.0)
-    if x.shape[-1] != crop_size:
-        x = F.interpolate(x, size=(crop_size, crop_size), mode="bilinear", align_corners=False, antialias=True)
+    from engine.data import fmnist_to_float
+    x = fmnist_to_float(images, crop_size, 1)
     if in_chans == 3:
         x = x.expand(-1, 3, -1, -1)
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
