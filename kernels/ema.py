@@ -110,7 +110,9 @@ def _ema_multi_tensor_kernel(
         w = (1.0 - tl.load(momentum_ptr)).to(tl.float32)
     else:
         w = weight
-    for blk in range(BLOCKS_PER_CHUNK):
+    # Only the blocks this chunk has: a 192-element bias costs one step, not a chunk's worth.
+    n_blocks = tl.minimum(tl.cdiv(n - start, BLOCK), BLOCKS_PER_CHUNK)
+    for blk in range(0, n_blocks):
         base = start + blk * BLOCK
         offs = base + tl.arange(0, BLOCK)
         if base + BLOCK <= n:
