@@ -75,9 +75,11 @@ def _largest_dividing_block(D: int, widest: int, narrowest: int) -> int:
 
 
 def gather_tile(D: int, elem_bytes: int) -> Tile:
-    # 256-byte row pieces: 16 lanes x 16-byte vectors per row, 32 rows per program, so each
-    # thread keeps four 16-byte loads in flight per step with a small register footprint.
-    # (A 32x128 fp32 tile keeps 32 int64 addresses per thread and spills on sm_80.)
+    # 256-byte row pieces (16 lanes x 16-byte vectors per row) and 32 rows per program: each
+    # thread keeps four 16-byte loads in flight per step. Wider tiles cost registers fast
+    # (kernels.aot, fp32 on sm_80: 32x64 48 regs, 32x128 94, 64x128 156), and for a
+    # memory-bound copy resident programs hide DRAM latency better than per-thread work.
+    # Chosen from the compile report, not tuned on a GPU.
     widest = 256 // elem_bytes
     return Tile(32, _largest_dividing_block(D, widest, min(64, widest)), 4)
 
@@ -125,13 +127,16 @@ def _gather_rows_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         load_ok = src_ok[:, None] & d_ok[None, :]
-        acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
         if HAS_X:
-            acc += tl.load(x_ptr + x_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0).to(tl.float32)
-        if HAS_POS:
-            acc += tl.load(pos_ptr + pos_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0).to(tl.float32)
-        acc = tl.where(in_range[:, None], acc, float("nan"))
-        tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+            val = tl.load(x_ptr + x_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+            if HAS_POS:     # sum in fp32, round once: what torch does for x + pos
+                val = val.to(tl.float32) + tl.load(pos_ptr + pos_rows[:, None] + offs_d[None, :],
+                                                   mask=load_ok, other=0.0).to(tl.float32)
+        else:
+            val = tl.load(pos_ptr + pos_rows[:, None] + offs_d[None, :], mask=load_ok, other=0.0)
+        # (in fp32: exact for every stored dtype, and the interpreter has no bf16 scalars)
+        val = tl.where(in_range[:, None], val.to(tl.float32), float("nan"))
+        tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], val.to(out_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & d_ok[None, :])
 
 
