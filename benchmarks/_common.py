@@ -35,7 +35,8 @@ def cpu_name() -> str:
 def environment(device: torch.device) -> dict:
     import triton
     info = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu_name()}, {os.cpu_count()} cores",
+        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU: {cpu_name()}, {os.cpu_count()} cores"),
         device_type=device.type,
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         cpu_threads=torch.get_num_threads(),
@@ -91,7 +92,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         cells.append([format(r[k], f) if r.get(k) is not None else "" for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     for n, line in enumerate(cells):
-        print("| " + " | ".join(c.rjust(w) if n and i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))) + " |")
+        padded = [c.rjust(w) if n and i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        print("| " + " | ".join(padded) + " |")
         if n == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print()

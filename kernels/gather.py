@@ -455,7 +455,8 @@ def _(h, idx, eps):
 # Public API
 # ---------------------------------------------------------------------------------------
 
-def _check_tokens(x: Optional[torch.Tensor], pos: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _check_tokens(x: Optional[torch.Tensor], pos: Optional[torch.Tensor]
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     if x is None and pos is None:
         raise ValueError("gather_tokens: give x, pos, or both")
     if x is not None and x.dim() != 3:
