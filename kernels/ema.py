@@ -289,7 +289,7 @@ def fused_ema_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
 # ---------------------------------------------------------------------------------------
 
 _ENGINE_GROUPS = (
-    # (source, low-precision copy, momentum on device)
+    # (source, low-precision copy, momentum on device: a float64 schedule tensor)
     (torch.float32, torch.bfloat16, True),
     (torch.float32, None, True),
     (torch.bfloat16, torch.bfloat16, True),
@@ -303,11 +303,11 @@ def aot_specs() -> list[dict]:
     specs = []
     for src, lowp, on_device in _ENGINE_GROUPS:
         specs.append(dict(
-            name=f"ema fp32<-{_NAME[src]} lowp={_NAME[lowp]} m={'device' if on_device else 'host'} "
+            name=f"ema fp32<-{_NAME[src]} lowp={_NAME[lowp]} m={'device fp64' if on_device else 'host'} "
                  f"{tile.block}x{tile.blocks_per_chunk}",
             kernel=_ema_multi_tensor_kernel,
             signature={"target_ptrs": "*i64", "source_ptrs": "*i64", "lowp_ptrs": "*i64", "numels": "*i64",
-                       "chunks": "*i32", "weight": "fp32", "momentum_ptr": "*fp32" if on_device else "*i64"},
+                       "chunks": "*i32", "weight": "fp32", "momentum_ptr": "*fp64" if on_device else "*i64"},
             constexprs={"SRC_DTYPE": _TL_DTYPE[src], "LOWP_DTYPE": _TL_DTYPE[lowp or torch.bfloat16],
                         "HAS_LOWP": lowp is not None, "MOMENTUM_ON_DEVICE": on_device, "ALIGNED": True,
                         "BLOCK": tile.block, "BLOCKS_PER_CHUNK": tile.blocks_per_chunk},
