@@ -124,7 +124,7 @@ class ModelConfig:
 class KernelsConfig:
     attention: str = "auto"   # auto | triton | xformers | sdpa | naive
     gather: str = "auto"      # auto | triton | torch
-    ema: str = "auto"         # auto | triton | torch
+    ema: str = "auto"         # auto | triton | torch (foreach lerp) | naive (the reference loop)
 
 
 @dataclass
@@ -258,7 +258,7 @@ class IJEPAConfig:
             _choice("train.precision", t.precision, ("fp32", "bf16"))
         _choice("kernels.attention", self.kernels.attention, ("auto", "triton", "xformers", "sdpa", "naive"))
         _choice("kernels.gather", self.kernels.gather, ("auto", "triton", "torch"))
-        _choice("kernels.ema", self.kernels.ema, ("auto", "triton", "torch"))
+        _choice("kernels.ema", self.kernels.ema, ("auto", "triton", "torch", "naive"))
         _positive("data.batch_size", d.batch_size)
         _positive("data.crop_size", d.crop_size)
         _positive("mask.patch_size", m.patch_size)

@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 import kernels.attention as katt
 import kernels.ema as kema
 import kernels.gather as kgather
+from kernels.dispatch import select
 
 
 # ----------------------------------------------------------------- position embedding
@@ -351,9 +352,19 @@ class IJEPA(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum, targets_lowp=None):
         """target = m * target + (1 - m) * encoder over ALL parameters (frozen pos_embed too),
-        in ``parameters()`` order, as the reference does."""
-        kema.fused_ema_(list(self.target_encoder.parameters()), list(self.encoder.parameters()),
-                        momentum, targets_lowp=targets_lowp, backend=self.ema_backend)
+        in ``parameters()`` order, as the reference does. On the Triton backend the pointer
+        tables are built once and reused (one launch per step)."""
+        targets, sources = list(self.target_encoder.parameters()), list(self.encoder.parameters())
+        backend = select("ema", self.ema_backend, targets[0].device, ("triton", "torch"), kema.BACKENDS)
+        if backend != "triton":
+            kema.fused_ema_(targets, sources, momentum, targets_lowp=targets_lowp, backend=backend)
+            return
+        key = (tuple(t.data_ptr() for t in targets), tuple(s.data_ptr() for s in sources),
+               None if targets_lowp is None else tuple(t.data_ptr() for t in targets_lowp))
+        if getattr(self, "_ema_plan_key", None) != key:   # parameters moved: rebuild the tables
+            self._ema_plan = kema.MultiTensorEMA(targets, sources, targets_lowp)
+            self._ema_plan_key = key
+        self._ema_plan(momentum)
 
     # -------------------------------------------------------------- optimiser groups
     def param_groups(self):
