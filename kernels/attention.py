@@ -10,9 +10,10 @@ Layouts (non-causal self-attention; output has q's layout and dtype):
 
 Backends (resolved by the project's single rule, ``kernels.dispatch.select``):
 
-* ``triton``: this file's flash-attention kernels (forward + backward), fp32 / bf16 / fp16,
-  head dims ``SUPPORTED_HEAD_DIMS`` (80 and 96 run padded to 128 inside the kernel, masked),
-  any sequence length, packed sequences. No N x N buffer in either pass.
+* ``triton``: this file's flash-attention kernels (forward + backward): bf16 / fp16 on CUDA,
+  plus fp32 under the Triton interpreter (CPU tests); head dims ``SUPPORTED_HEAD_DIMS`` (80 and
+  96 run padded to 128 inside the kernel, masked); any sequence length; packed sequences.
+  No N x N buffer in either pass.
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` (``BlockDiagonalMask`` when packed).
   CUDA only.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (jagged nested tensors when packed).
@@ -38,6 +39,7 @@ working on Triton 3.9 where ``tl.make_block_ptr`` is gone):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -111,6 +113,12 @@ def _tile(dtype: torch.dtype, head_dim: int, kernel: str) -> Tile:
 
 
 # ------------------------------------------------------------------------------------ kernels
+# Runtime scalars that may happen to equal 1 (one head, one token, varlen flag) or a multiple of
+# 16: left unspecialised so one compiled variant serves every shape, and it is exactly the
+# variant ``aot_specs`` compiles.
+_NO_SPECIALIZE = ["seqlen_dense", "n_heads", "varlen", "s_lz", "s_lh"]
+
+
 @triton.jit
 def _mma(a, b, acc):
     if _INTERP:
@@ -131,7 +139,7 @@ def _seq_bounds(CU_SEQLENS, z, seqlen_dense, varlen):
     return start, seqlen
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     sm_scale, seqlen_dense, n_heads, varlen,
@@ -189,7 +197,7 @@ def _attn_fwd_kernel(
     tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, CU_SEQLENS,
     sm_scale, seqlen_dense, n_heads, varlen,
@@ -248,7 +256,7 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + offs_m[:, None] * s_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS,
     sm_scale, seqlen_dense, n_heads, varlen,
@@ -363,7 +371,22 @@ def _launch_geometry(q, cu_seqlens, max_seqlen):
     return cu_seqlens.numel() - 1, H, 0, max_seqlen, 1, cu_seqlens
 
 
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the *current* CUDA device, which need not be x's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
+    with _device_guard(q):
+        return _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+    with _device_guard(q):
+        return _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+
+
+def _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     d = q.shape[-1]
     Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
@@ -376,11 +399,12 @@ def _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu, scale, n_dense, H, varlen,
         *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(o), *_lse_strides(lse),
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages)
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps, num_stages=t.num_stages)
     return o, lse
 
 
-def _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+def _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     do, q, k, v, o = (_unit_last(x) for x in (do, q, k, v, o))
     d = q.shape[-1]
     Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
@@ -415,9 +439,8 @@ def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 @_flash_fwd_op.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    o = (torch.empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]), dtype=q.dtype, device=q.device)
-         .transpose(1, 2) if q.dim() == 4 else torch.empty_like(q, memory_format=torch.contiguous_format))
-    return o, q.new_empty(_lse_shape(q), dtype=torch.float32)
+    # same allocation code as the real op, so shapes and strides agree by construction
+    return _alloc_like_out(q), torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("ijepa::flash_attn_bwd", mutates_args=())
@@ -429,12 +452,7 @@ def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 @_flash_bwd_op.register_fake
 def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    def like(x):
-        if x.dim() == 4:
-            return torch.empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3]), dtype=x.dtype,
-                               device=x.device).transpose(1, 2)
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return like(q), like(k), like(v)
+    return _alloc_like_out(q), _alloc_like_out(k), _alloc_like_out(v)
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -545,6 +563,12 @@ def _check_inputs(q, k, v, cu_seqlens):
             raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1]")
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+        # On CUDA this check would cost a device sync per call, so there cu_seqlens is trusted.
+        if cu_seqlens.device.type == "cpu":
+            if (cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]
+                    or (cu_seqlens.numel() > 1 and bool((cu_seqlens.diff() < 0).any()))):
+                raise ValueError(f"cu_seqlens must rise from 0 to total_tokens={q.shape[0]}; "
+                                 f"got {cu_seqlens.tolist()}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

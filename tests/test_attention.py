@@ -270,6 +270,9 @@ def test_shape_errors():
         A.attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="one shape"):
         A.attention(q, q[:, :, :4], q)
+    packed = torch.randn(10, 1, 32)
+    with pytest.raises(ValueError, match="rise from 0"):
+        A.attention(packed, packed, packed, cu_seqlens=_cu([4, 5]))      # covers 9 of 10 tokens
 
 
 # ----------------------------------------------------------------------------- torch.library
