@@ -50,7 +50,8 @@ HEADS = {32: 12, 64: 12, 80: 16}          # predictor 384/12, ViT-B 768/12, ViT-
 
 
 def env_info() -> dict:
-    info = dict(command=" ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+    envs = [f"{k}={os.environ[k]}" for k in ("TRITON_INTERPRET", "IJEPA_ATTENTION_BACKEND") if k in os.environ]
+    info = dict(command=" ".join(envs + [shlex.quote(a) for a in [sys.executable] + sys.argv]),
                 python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
                 cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads(),
                 cuda=torch.cuda.is_available())
@@ -259,16 +260,17 @@ def main(argv=None) -> int:
     for k, v in info.items():
         print(f"# {k}: {v}")
     if a.quick:
-        a.seqlens, a.head_dims, a.mem_depth = [69, 256], [64], 2
+        a.seqlens, a.head_dims = [69, 256], [64]
+    speed_on = "speed" in a.parts
     if cuda:
         dtype, backends, tokens = torch.bfloat16, ["triton", "sdpa", "xformers", "naive"], a.tokens or 16384
-        print("# speed: CUDA, bf16, triton.testing.do_bench (median ms)")
+        speed_on and print("# speed: CUDA, bf16, triton.testing.do_bench (median ms)")
     else:
         dtype, backends, tokens = torch.float32, ["sdpa", "naive"], a.tokens or 1024
-        print("# speed: CPU ONLY (no GPU here), fp32, wall clock median of "
+        speed_on and print("# speed: CPU ONLY (no GPU here), fp32, wall clock median of "
               f"{a.reps} runs; sdpa = PyTorch's CPU flash kernel, naive = materialised softmax(QK^T)V. "
               "triton/xformers do not run on CPU (interpreter timing would be meaningless)")
-    print("# FLOPs: fwd = 4*B*H*N^2*d, fwd+bwd = 3.5 * fwd (nominal, same for every backend)")
+    speed_on and print("# FLOPs: fwd = 4*B*H*N^2*d, fwd+bwd = 3.5 * fwd (nominal, same for every backend)")
     speed = memory = []
     if "speed" in a.parts:
         speed = bench_speed(device, dtype, backends, a.seqlens, a.head_dims, tokens, a.reps)
