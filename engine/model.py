@@ -83,22 +83,16 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x, keep_from: int | None = None):
-        """``keep_from``: only rows ``keep_from:`` are wanted downstream, so queries (and the
-        output projection) are computed for those rows only; keys/values still use all rows."""
+        """``keep_from``: only rows ``keep_from:`` are wanted downstream, so the output projection
+        runs on those rows only (every row still serves as key/value)."""
         B, N, C = x.shape
-        H, d = self.num_heads, C // self.num_heads
-        if keep_from is None:
-            qkv = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-        else:
-            w, b = self.qkv.weight, self.qkv.bias
-            kv = F.linear(x, w[C:], None if b is None else b[C:]).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
-            k, v = kv[0], kv[1]
-            xq = x[:, keep_from:]
-            q = F.linear(xq, w[:C], None if b is None else b[:C]).reshape(B, -1, H, d).transpose(1, 2)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         x = katt.attention(q, k, v, backend=self.backend, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, -1, C)
-        return self.proj(x)
+        x = x.transpose(1, 2)
+        if keep_from is not None:
+            x = x[:, keep_from:]
+        return self.proj(x.reshape(B, -1, C))
 
 
 class Block(nn.Module):

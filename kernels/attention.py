@@ -1,30 +1,650 @@
-"""Attention entry point (placeholder: PyTorch backends only; the Triton kernel lands separately)."""
+"""Multi-head attention for every encoder / predictor block: one entry point, four backends.
+
+``attention(q, k, v, cu_seqlens=None, max_seqlen=None, backend="auto", scale=None)``
+
+Layouts (non-causal self-attention; output has q's layout and dtype):
+
+* dense  ``[B, H, N, d]``;
+* packed ``[total_tokens, H, d]`` plus ``cu_seqlens`` (int32 ``[S+1]``, cumulative lengths):
+  block-diagonal, a token attends only to tokens of its own sequence.
+
+Backends (resolved by the project's single rule, ``kernels.dispatch.select``):
+
+* ``triton``: this file's flash-attention kernels (forward + backward): bf16 / fp16 on CUDA,
+  plus fp32 under the Triton interpreter (CPU tests); head dims ``SUPPORTED_HEAD_DIMS`` (80 and
+  96 run padded to 128 inside the kernel, masked); any sequence length; packed sequences.
+  No N x N buffer in either pass.
+* ``xformers``: ``xformers.ops.memory_efficient_attention`` (``BlockDiagonalMask`` when packed).
+  CUDA only.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (jagged nested tensors when packed).
+* ``naive``: the reference's math, ``softmax(q @ k^T * scale) @ v`` with the score matrix
+  materialised. For tests and baselines only.
+* ``auto``: ``IJEPA_ATTENTION_BACKEND`` if set; else on CUDA ``triton`` when the head dim is
+  supported, then ``xformers``, then ``sdpa``; on CPU ``sdpa``.
+
+Explicitly requested backends that cannot run raise ``BackendUnavailable``; nothing falls back
+silently.
+
+Kernel design (all three kernels are plain pointer arithmetic, no block pointers, so they keep
+working on Triton 3.9 where ``tl.make_block_ptr`` is gone):
+
+* forward: one program per (sequence, head, query block); online softmax in base 2 (scores are
+  pre-multiplied by ``scale * log2(e)`` so every exponential is an ``exp2``), fp32 accumulators.
+  Saves the per-row log-sum-exp (base 2) for the backward pass.
+* backward: ``_attn_bwd_dq_kernel`` first computes ``delta = rowsum(dO * O)`` for its query
+  block (the usual preprocess pass, fused: it already holds that block of dO and O), stores it,
+  and accumulates dQ over key blocks. Then ``_attn_bwd_dkdv_kernel`` owns one key block and
+  accumulates dK and dV over query blocks, recomputing P from the saved log-sum-exp.
+  Every output element has exactly one writer: no atomics, deterministic.
+"""
 from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from kernels.dispatch import select
+from kernels.dispatch import BackendUnavailable, select
+
+__all__ = ["attention", "attention_backend", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
+           "BackendUnavailable"]
 
 _ALLOWED = ("triton", "xformers", "sdpa", "naive")
 
+# Under the interpreter a bf16 tl.dot multiplies the raw uint16 bit patterns (garbage), so
+# operands are upcast there. The flag is a constexpr: on GPU the branch compiles away.
+_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-def attention_backend(device, backend: str = "auto") -> str:
-    return select("attention", backend, torch.device(device), ("sdpa",), _ALLOWED)
+
+# ------------------------------------------------------------------------------------ configs
+@dataclass(frozen=True)
+class Tile:
+    block_m: int      # query rows per tile
+    block_n: int      # key rows per tile
+    num_warps: int
+    num_stages: int
 
 
-def attention_naive(q, k, v, scale=None):
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Compiled for GPUs. fp32 runs only under the interpreter (tests): a spill-free fp32 tile needs
+# either TF32 (silently less precise than torch's fp32) or FMA dots (slow); on CUDA, fp32 goes
+# to xformers / SDPA instead (the engine trains in bf16 autocast anyway).
+_GPU_DTYPES = ("bf16", "fp16")
+
+
+def _block_d(head_dim: int) -> int:
+    return 1 << (head_dim - 1).bit_length()
+
+
+def _tiles(block_d: int) -> dict[str, Tile]:
+    """Tile per kernel for one padded head dim (bf16 and fp16 alike).
+
+    Every entry was checked by AOT compilation for sm_80 and sm_90: zero spills, shared memory
+    within limits, HMMA / HGMMA present (``tests/test_attention_aot.py``). The MMA "M" side of
+    every dot (the query block for forward / dQ, the key block for dK/dV) is >= 64 so Hopper can
+    use warpgroup MMA. Untuned for speed: no GPU was available to time alternatives.
+    """
+    if block_d <= 64:
+        return {"fwd": Tile(128, 64, 8, 2), "bwd_dq": Tile(64, 64, 4, 2), "bwd_dkdv": Tile(32, 64, 4, 2)}
+    # d 80/96/128 run as 128: dK/dV keeps four [64, 128] tiles live (k, v, two fp32 accumulators).
+    return {"fwd": Tile(128, 64, 8, 2), "bwd_dq": Tile(64, 64, 8, 2), "bwd_dkdv": Tile(64, 64, 8, 2)}
+
+
+# The one table the launcher and ``aot_specs`` both read: (dtype, head_dim) -> kernel -> Tile.
+CONFIGS: dict[tuple[str, int], dict[str, Tile]] = {
+    (dt, d): _tiles(_block_d(d)) for dt in _GPU_DTYPES for d in SUPPORTED_HEAD_DIMS
+}
+
+# Tests shrink tiles to exercise multi-block loops on tiny shapes under the interpreter.
+_TILE_OVERRIDE: Optional[dict[str, Tile]] = None
+
+
+def _tile(dtype: torch.dtype, head_dim: int, kernel: str) -> Tile:
+    if _TILE_OVERRIDE is not None and kernel in _TILE_OVERRIDE:
+        return _TILE_OVERRIDE[kernel]
+    name = _DTYPES[dtype]
+    return CONFIGS[(name if name in _GPU_DTYPES else "bf16", head_dim)][kernel]
+
+
+# ------------------------------------------------------------------------------------ kernels
+# Runtime scalars that may happen to equal 1 (one head, one token, varlen flag) or a multiple of
+# 16: left unspecialised so one compiled variant serves every shape, and it is exactly the
+# variant ``aot_specs`` compiles.
+_NO_SPECIALIZE = ["seqlen_dense", "n_heads", "varlen", "s_lz", "s_lh"]
+
+
+@triton.jit
+def _mma(a, b, acc):
+    if _INTERP:
+        # exact products of 16-bit values in fp32, which is what tensor cores accumulate
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _seq_bounds(CU_SEQLENS, z, seqlen_dense, varlen):
+    # Dense inputs: every "sequence" is a batch row of length seqlen_dense starting at 0.
+    start = z * 0
+    seqlen = seqlen_dense
+    if varlen != 0:
+        start = tl.load(CU_SEQLENS + z)
+        seqlen = tl.load(CU_SEQLENS + z + 1) - start
+    return start, seqlen
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_SEQLENS,
+    sm_scale, seqlen_dense, n_heads, varlen,
+    s_qz, s_qh, s_qn, s_kz, s_kh, s_kn, s_vz, s_vh, s_vn, s_oz, s_oh, s_on, s_lz, s_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    zh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    z = zh // n_heads
+    h = zh % n_heads
+    start, seqlen = _seq_bounds(CU_SEQLENS, z, seqlen_dense, varlen)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    # 64-bit bases: a batch of long packed sequences can exceed 2**31 elements.
+    z64 = z.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += z64 * s_qz + h64 * s_qh + t64 * s_qn
+    K += z64 * s_kz + h64 * s_kh + t64 * s_kn
+    V += z64 * s_vz + h64 * s_vh + t64 * s_vn
+    O += z64 * s_oz + h64 * s_oh + t64 * s_on
+    LSE += z64 * s_lz + h64 * s_lh + t64
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM          # head dim padded to a power of two (80 -> 128)
+    m_ok = offs_m < seqlen
+    q = tl.load(Q + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        kv_idx = start_n + offs_n
+        n_ok = kv_idx < seqlen
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_idx[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        # m_new is finite: every tile that runs holds >= 1 valid key (start_n < seqlen), and
+        # padded query rows are zeros, so their scores are 0, not -inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_idx[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * s_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, CU_SEQLENS,
+    sm_scale, seqlen_dense, n_heads, varlen,
+    s_qz, s_qh, s_qn, s_kz, s_kh, s_kn, s_vz, s_vh, s_vn, s_oz, s_oh, s_on,
+    s_doz, s_doh, s_don, s_dqz, s_dqh, s_dqn, s_lz, s_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    zh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    z = zh // n_heads
+    h = zh % n_heads
+    start, seqlen = _seq_bounds(CU_SEQLENS, z, seqlen_dense, varlen)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    z64 = z.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += z64 * s_qz + h64 * s_qh + t64 * s_qn
+    K += z64 * s_kz + h64 * s_kh + t64 * s_kn
+    V += z64 * s_vz + h64 * s_vh + t64 * s_vn
+    O += z64 * s_oz + h64 * s_oh + t64 * s_on
+    DO += z64 * s_doz + h64 * s_doh + t64 * s_don
+    DQ += z64 * s_dqz + h64 * s_dqh + t64 * s_dqn
+    LSE += z64 * s_lz + h64 * s_lh + t64
+    DELTA += z64 * s_lz + h64 * s_lh + t64
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen
+    row_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + offs_m[:, None] * s_qn + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * s_don + offs_d[None, :], mask=row_mask, other=0.0)
+    o = tl.load(O + offs_m[:, None] * s_on + offs_d[None, :], mask=row_mask, other=0.0)
+    # The dK/dV kernel (launched next) reads delta for every query row.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + offs_m, delta, mask=m_ok)
+    # +inf makes P exactly 0 on padded rows.
+    lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seqlen, BLOCK_N):
+        kv_idx = start_n + offs_n
+        kv_mask = (kv_idx < seqlen)[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_idx[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_idx[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32)) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32))
+        # Padded keys get a nonzero ds here, but their k rows are zeros, so they add nothing to dq.
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq)
+    dq = dq * sm_scale
+    tl.store(DQ + offs_m[:, None] * s_dqn + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS,
+    sm_scale, seqlen_dense, n_heads, varlen,
+    s_qz, s_qh, s_qn, s_kz, s_kh, s_kn, s_vz, s_vh, s_vn,
+    s_doz, s_doh, s_don, s_dkz, s_dkh, s_dkn, s_dvz, s_dvh, s_dvn, s_lz, s_lh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    zh = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    z = zh // n_heads
+    h = zh % n_heads
+    start, seqlen = _seq_bounds(CU_SEQLENS, z, seqlen_dense, varlen)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    z64 = z.to(tl.int64)
+    h64 = h.to(tl.int64)
+    t64 = start.to(tl.int64)
+    Q += z64 * s_qz + h64 * s_qh + t64 * s_qn
+    K += z64 * s_kz + h64 * s_kh + t64 * s_kn
+    V += z64 * s_vz + h64 * s_vh + t64 * s_vn
+    DO += z64 * s_doz + h64 * s_doh + t64 * s_don
+    DK += z64 * s_dkz + h64 * s_dkh + t64 * s_dkn
+    DV += z64 * s_dvz + h64 * s_dvh + t64 * s_dvn
+    LSE += z64 * s_lz + h64 * s_lh + t64
+    DELTA += z64 * s_lz + h64 * s_lh + t64
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n < seqlen)[:, None] & d_ok[None, :]
+    k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Works on transposed tiles (keys x queries) so that dK and dV come out of plain dots
+    # with the key block as the MMA M dimension.
+    for start_m in range(0, seqlen, BLOCK_M):
+        q_idx = start_m + offs_m
+        q_ok = q_idx < seqlen
+        row_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + q_idx[:, None] * s_qn + offs_d[None, :], mask=row_mask, other=0.0)
+        do = tl.load(DO + q_idx[:, None] * s_don + offs_d[None, :], mask=row_mask, other=0.0)
+        lse = tl.load(LSE + q_idx, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + q_idx, mask=q_ok, other=0.0)
+        s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32)) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        dv = _mma(p_t.to(do.dtype), do, dv)
+        dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk)
+    dk = dk * sm_scale
+    tl.store(DK + offs_n[:, None] * s_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * s_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ------------------------------------------------------------------------------------ launchers
+# Allocation hook: tests replace it with a NaN-filling allocator to prove every output element
+# that should be written is written.
+_empty = torch.empty
+
+
+def _alloc_like_out(q: torch.Tensor) -> torch.Tensor:
+    """An output with q's shape. Dense outputs are stored token-major ([B, N, H, d] memory,
+    viewed as [B, H, N, d]) so the caller's ``transpose(1, 2).reshape(B, N, H*d)`` is free."""
+    if q.dim() == 4:
+        B, H, N, d = q.shape
+        return _empty((B, N, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    return _empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
+    if q.dim() == 4:
+        B, H, N, _ = q.shape
+        return (B, H, N)
+    T, H, _ = q.shape
+    return (H, T)
+
+
+def _seq_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(per-sequence, per-head, per-token) element strides. Packed tensors have no sequence
+    stride: a sequence's first token comes from cu_seqlens."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(1), x.stride(2)
+    return 0, x.stride(1), x.stride(0)
+
+
+def _lse_strides(lse: torch.Tensor) -> tuple[int, int]:
+    if lse.dim() == 3:
+        return lse.stride(0), lse.stride(1)
+    return 0, lse.stride(0)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_DUMMY_CU: dict[torch.device, torch.Tensor] = {}
+
+
+def _launch_geometry(q, cu_seqlens, max_seqlen):
+    """(number of sequences, heads, dense length or 0, max length, varlen flag, cu tensor)."""
+    if cu_seqlens is None:
+        B, H, N, _ = q.shape
+        cu = _DUMMY_CU.get(q.device)
+        if cu is None:
+            cu = _DUMMY_CU[q.device] = torch.zeros(2, dtype=torch.int32, device=q.device)
+        return B, H, N, N, 0, cu
+    _, H, _ = q.shape
+    return cu_seqlens.numel() - 1, H, 0, max_seqlen, 1, cu_seqlens
+
+
+def _device_guard(x: torch.Tensor):
+    # Triton launches on the *current* CUDA device, which need not be x's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
+    with _device_guard(q):
+        return _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+    with _device_guard(q):
+        return _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+
+
+def _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    d = q.shape[-1]
+    Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
+    o = _alloc_like_out(q)
+    lse = _empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+    if Z * H == 0 or max_len == 0:
+        return o, lse
+    t = _tile(q.dtype, d, "fwd")
+    grid = (Z * H, triton.cdiv(max_len, t.block_m))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, cu, scale, n_dense, H, varlen,
+        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(o), *_lse_strides(lse),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps, num_stages=t.num_stages)
+    return o, lse
+
+
+def _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+    do, q, k, v, o = (_unit_last(x) for x in (do, q, k, v, o))
+    d = q.shape[-1]
+    Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
+    dq, dk, dv = _alloc_like_out(q), _alloc_like_out(k), _alloc_like_out(v)
+    if Z * H == 0 or max_len == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d))
+    t = _tile(q.dtype, d, "bwd_dq")
+    _attn_bwd_dq_kernel[(Z * H, triton.cdiv(max_len, t.block_m))](
+        q, k, v, o, do, dq, lse, delta, cu, scale, n_dense, H, varlen,
+        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(o),
+        *_seq_strides(do), *_seq_strides(dq), *_lse_strides(lse),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+    t = _tile(q.dtype, d, "bwd_dkdv")
+    _attn_bwd_dkdv_kernel[(Z * H, triton.cdiv(max_len, t.block_n))](
+        q, k, v, do, dk, dv, lse, delta, cu, scale, n_dense, H, varlen,
+        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(do),
+        *_seq_strides(dk), *_seq_strides(dv), *_lse_strides(lse),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------ torch.library
+# Opaque custom ops: torch.compile keeps them as single graph nodes (no graph break) and never
+# traces into Triton, so the same registration works on GPU and under the interpreter.
+@torch.library.custom_op("ijepa::flash_attn_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                  max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    # same allocation code as the real op, so shapes and strides agree by construction
+    return _alloc_like_out(q), torch.empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("ijepa::flash_attn_bwd", mutates_args=())
+def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+
+
+@_flash_bwd_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+    return _alloc_like_out(q), _alloc_like_out(k), _alloc_like_out(v)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_flash_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------ other backends
+def attention_naive(q, k, v, scale=None, cu_seqlens=None):
+    """The reference's attention (I-JEPA ``src/models/vision_transformer.py``): scores are
+    materialised, scaled after the matmul, softmaxed in the input dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = (q @ k.transpose(-2, -1)) * scale
-    return attn.softmax(dim=-1) @ v
+    if cu_seqlens is None:
+        attn = (q @ k.transpose(-2, -1)) * scale
+        return attn.softmax(dim=-1) @ v
+    outs = []
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))      # [H, n, d]
+        outs.append(attention_naive(qs, ks, vs, scale).transpose(0, 1))
+    return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
-def attention(q, k, v, cu_seqlens=None, max_seqlen=None, backend="auto", scale=None):
-    if cu_seqlens is not None:
-        raise NotImplementedError("packed attention arrives with the Triton attention kernel")
-    b = attention_backend(q.device, backend)
-    if b == "naive":
-        return attention_naive(q, k, v, scale)
-    if b == "sdpa":
+def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen):
+    if cu_seqlens is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    raise NotImplementedError(b)
+    # Packed: jagged nested tensors ([S, j, H, d] -> [S, H, j, d]); runs on CPU and CUDA, with
+    # autograd to the packed values, and never builds a T x T mask.
+    offsets = cu_seqlens.to(torch.int64)
+    lens = offsets.diff()
+    min_len = int(lens.min()) if lens.numel() else 0
+
+    def nest(x):
+        return torch.nested.nested_tensor_from_jagged(x, offsets, min_seqlen=min_len,
+                                                      max_seqlen=max_seqlen).transpose(1, 2)
+    out = F.scaled_dot_product_attention(nest(q), nest(k), nest(v), scale=scale)
+    return out.transpose(1, 2).values()
+
+
+def _attention_xformers(q, k, v, scale, cu_seqlens):
+    import xformers.ops as xops
+    if cu_seqlens is None:                       # xformers wants [B, N, H, d]
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              scale=scale)
+        return out.transpose(1, 2)
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    seqlens = cu_seqlens.diff().tolist()
+    bias = BlockDiagonalMask.from_seqlens(seqlens)
+    out = xops.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                          attn_bias=bias, scale=scale)
+    return out.squeeze(0)
+
+
+# ------------------------------------------------------------------------------------ entry points
+def triton_supports(head_dim: Optional[int], dtype: Optional[torch.dtype] = None,
+                    device: Optional[torch.device] = None) -> Optional[str]:
+    """None if the Triton kernels can take this head dim / dtype on this device, else why not."""
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} has no shipped kernel config (supported: {SUPPORTED_HEAD_DIMS})"
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} not supported (float32 under the interpreter, bfloat16, float16)"
+        if device is not None and device.type == "cuda" and _DTYPES[dtype] not in _GPU_DTYPES:
+            return (f"{dtype} has no GPU kernel config (only bf16/fp16 are compiled for CUDA); "
+                    "run under bf16/fp16 autocast or use 'sdpa'")
+    return None
+
+
+def attention_backend(device, backend: str = "auto", head_dim: Optional[int] = None,
+                      dtype: Optional[torch.dtype] = None) -> str:
+    """The backend ``attention`` runs for this device / request (for logging), or raises
+    ``BackendUnavailable``. Without ``head_dim`` / ``dtype`` those Triton checks are skipped."""
+    device = torch.device(device)
+    reason = triton_supports(head_dim, dtype, device)
+    pref = ("triton", "xformers", "sdpa") if reason is None else ("xformers", "sdpa")
+    chosen = select("attention", backend, device, pref, _ALLOWED)
+    if chosen == "triton" and reason is not None:
+        raise BackendUnavailable(f"attention: backend 'triton' cannot run here: {reason}")
+    return chosen
+
+
+def _check_inputs(q, k, v, cu_seqlens):
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have one shape (self-attention); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens is None:
+        if q.dim() != 4:
+            raise ValueError(f"dense attention takes [B, H, N, d]; got shape {tuple(q.shape)} "
+                             "(packed [total, H, d] needs cu_seqlens)")
+    else:
+        if q.dim() != 3:
+            raise ValueError(f"packed attention takes [total_tokens, H, d]; got shape {tuple(q.shape)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1]")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+        # On CUDA this check would cost a device sync per call, so there cu_seqlens is trusted.
+        if cu_seqlens.device.type == "cpu":
+            if (cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]
+                    or (cu_seqlens.numel() > 1 and bool((cu_seqlens.diff() < 0).any()))):
+                raise ValueError(f"cu_seqlens must rise from 0 to total_tokens={q.shape[0]}; "
+                                 f"got {cu_seqlens.tolist()}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+              max_seqlen: Optional[int] = None, backend: str = "auto",
+              scale: Optional[float] = None) -> torch.Tensor:
+    """Non-causal softmax attention. See the module docstring for layouts and backends.
+
+    ``max_seqlen`` (packed only): the longest sequence; computed from ``cu_seqlens`` (a device
+    sync) when not given.
+    """
+    _check_inputs(q, k, v, cu_seqlens)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    b = attention_backend(q.device, backend, head_dim=q.shape[-1], dtype=q.dtype)
+    if cu_seqlens is not None:
+        if cu_seqlens.dtype != torch.int32:
+            cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+        max_seqlen = int(max_seqlen)
+    if b == "triton":
+        return _flash_fwd_op(q, k, v, cu_seqlens, max_seqlen if max_seqlen is not None else q.shape[2],
+                             scale)[0]
+    if b == "sdpa":
+        return _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen)
+    if b == "xformers":
+        return _attention_xformers(q, k, v, scale, cu_seqlens)
+    return attention_naive(q, k, v, scale, cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------ AOT specs
+_STRIDES = {
+    "fwd": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn", "s_oz", "s_oh", "s_on"],
+    "bwd_dq": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn", "s_oz", "s_oh", "s_on",
+               "s_doz", "s_doh", "s_don", "s_dqz", "s_dqh", "s_dqn"],
+    "bwd_dkdv": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn",
+                 "s_doz", "s_doh", "s_don", "s_dkz", "s_dkh", "s_dkn", "s_dvz", "s_dvh", "s_dvn"],
+}
+_TENSORS = {
+    "fwd": ["Q", "K", "V", "O"],
+    "bwd_dq": ["Q", "K", "V", "O", "DO", "DQ"],
+    "bwd_dkdv": ["Q", "K", "V", "DO", "DK", "DV"],
+}
+_KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel configuration the launcher can run on a GPU, for the AOT compile report.
+
+    Signature types follow what the JIT sees for the engine's tensors: 16-bit or fp32 data,
+    fp32 log-sum-exp / delta, int32 cu_seqlens, i32 scalars and strides. ``div16`` lists the
+    pointers and q/k/v/o strides, which are multiples of 16 for every shipped head dim (the
+    token stride is a multiple of d, or of 3*H*d for the fused qkv projection); lse strides
+    (H*N, N) are not, so they are left out.
+    """
+    specs = []
+    for (dt, d), tiles in CONFIGS.items():
+        for kname, kernel in _KERNELS.items():
+            t = tiles[kname]
+            sig = {n: f"*{dt}" for n in _TENSORS[kname]}
+            sig.update({"LSE": "*fp32"})
+            if kname != "fwd":
+                sig["DELTA"] = "*fp32"
+            sig["CU_SEQLENS"] = "*i32"
+            sig.update({"sm_scale": "fp32", "seqlen_dense": "i32", "n_heads": "i32", "varlen": "i32"})
+            sig.update({s: "i32" for s in _STRIDES[kname]})
+            sig.update({"s_lz": "i32", "s_lh": "i32"})
+            # keep the kernel's argument order
+            sig = {a: sig[a] for a in kernel.arg_names if a in sig}
+            specs.append(dict(
+                name=f"attn_{kname}_{dt}_d{d}",
+                kernel=kernel,
+                signature=sig,
+                constexprs=dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n),
+                num_warps=t.num_warps,
+                num_stages=t.num_stages,
+                div16=[a for a in sig if sig[a].startswith("*")] + list(_STRIDES[kname]),
+                uses_mma=True,
+            ))
+    return specs
