@@ -31,6 +31,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +234,212 @@ def collate_truncated(per_sample: list[list[torch.Tensor]]) -> list[torch.Tensor
     k = min(len(m) for ms in per_sample for m in ms)
     nblocks = len(per_sample[0])
     return [torch.stack([ms[j][:k] for ms in per_sample]) for j in range(nblocks)]
+
+
+
+
+class VectorizedMaskSampler(MultiBlockMaskSampler):
+    """The multi-block sampler for a whole batch at once, with tensor ops on ``device``.
+
+    Same arguments, modes, block-size rule (counter-seeded generator, one draw per batch)
+    and ``[B, K]`` output as :class:`MultiBlockMaskSampler`, but no per-sample Python loop,
+    so it can run next to the model on the GPU (one host sync per batch, for ``K``; on
+    CUDA the work runs on a side stream so that sync does not wait for the training step).
+
+    Distribution: the same as the loop sampler of the chosen mode, not the same numbers.
+    Block positions come from the sampler's own generator seeded with (batch counter,
+    ``seed_offset``), not from the global torch RNG, so reference-mode *bit* parity stays
+    with :class:`MultiBlockMaskSampler`. The loop redraws an invalid context block (not more
+    than ``min_keep`` patches left once the sample's targets are removed) and, after every
+    20 failures, drops the last remaining target region. Here every sample gets 20
+    candidate positions for each of the ``npred + 1`` region levels at once (all targets,
+    all but the last, ..., none) and the first valid candidate in that order wins. That is
+    the loop's own sequence of independent draws, so the fallback and the resulting
+    distribution are reproduced exactly, not approximately.
+
+    Counting every candidate's overlap without a [candidates x grid] tensor: each patch
+    gets a bit mask of the targets covering it (one broadcast AND of per-row and
+    per-column masks, since targets are rectangles). At the level that keeps the first
+    ``k`` targets a patch is forbidden iff its lowest set bit is below ``k``; a lookup
+    table turns the bit mask into one int64 whose bit fields hold that indicator for every
+    level, so a single integral image gives all levels' overlaps for any rectangle.
+    """
+
+    CANDIDATES_PER_LEVEL = 20   # the reference's redraw budget before dropping a region
+    MAX_NPRED = 16              # the lookup table has 2**npred entries
+
+    def __init__(self, *args, device="cpu", **kw):
+        super().__init__(*args, **kw)
+        if self.npred > self.MAX_NPRED:
+            raise ValueError(f"VectorizedMaskSampler: npred={self.npred} > {self.MAX_NPRED} target blocks; "
+                             f"use MultiBlockMaskSampler for that many")
+        self.device = torch.device(device)
+        self.last_fallbacks = 0   # context blocks of the last batch that had to drop target regions
+        self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self._tables = self._lookup_tables()
+
+    def _lookup_tables(self):
+        """``lut[plane, mask]``: packed 'forbidden at level k' bits for a patch covered by ``mask``."""
+        npred, H, W = self.npred, self.height, self.width
+        bits = (H * W).bit_length()                 # a field counts up to H*W patches
+        per = max(1, 62 // bits)                    # fields per int64 plane
+        planes = -(-npred // per)
+        masks = torch.arange(1 << npred)
+        lowest = torch.full((1 << npred,), npred)   # index of the first covering target
+        for j in reversed(range(npred)):
+            lowest = torch.where((masks >> j) & 1 == 1, j, lowest)
+        lut = torch.zeros((planes, 1 << npred), dtype=torch.int64)
+        for k in range(1, npred + 1):               # level keeping targets 0..k-1
+            lut[(k - 1) // per] += (lowest < k).long() << (bits * ((k - 1) % per))
+        # per candidate level t (keeps k = npred - t targets): which plane and field to read;
+        # the last level keeps none and reads bit 63, which is 0 in every non-negative sum
+        ks = [npred - t for t in range(npred + 1)]
+        plane = torch.tensor([max(k - 1, 0) // per for k in ks])
+        shift = torch.tensor([bits * ((k - 1) % per) if k > 0 else 63 for k in ks])
+        keep_mask = torch.tensor([(1 << k) - 1 for k in ks], dtype=torch.int32)
+        dev = self.device
+        return dict(lut=lut.to(dev), plane=plane.to(dev), shift=shift.to(dev), field=(1 << bits) - 1,
+                    keep_mask=keep_mask.to(dev), planes=planes,
+                    weights=(1 << torch.arange(npred)).to(dev))
+
+    def _pos_high(self, h: int, w: int) -> tuple[int, int]:
+        """Exclusive upper bounds for (top, left) of an h x w block."""
+        if self.mode == "reference":   # the reference's randint(0, H - h): never the last row/column
+            return self.height - h, self.width - w
+        return self.height - h + 1, self.width - w + 1
+
+    def _generator(self, seed: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(((seed + 1) * 2_147_483_647 + self.seed_offset * 1_000_003 + 0x5EED) % (2 ** 63))
+        return g
+
+    def sample_maps(self, batch_size: int):
+        """Untruncated context masks as bool maps ``[nenc, B, H*W]``, target corners ``(top, left)``
+        (each ``[B, npred]``), target size ``(h, w)``, and the number of context blocks that
+        dropped target regions (0-d tensor)."""
+        B, H, W, dev, npred = batch_size, self.height, self.width, self.device, self.npred
+        seed = self.step()
+        g = torch.Generator()
+        g.manual_seed(seed)
+        (ph, pw), (eh, ew) = self._sizes(g)
+        if ph * pw <= self.min_keep or eh * ew <= self.min_keep:   # check_mask_config rules this out
+            raise RuntimeError(f"mask sampler: block {ph}x{pw} / {eh}x{ew} cannot hold more than "
+                               f"min_keep={self.min_keep} patches")
+        gen = self._generator(seed)
+        rows = torch.arange(H, device=dev)
+        cols = torch.arange(W, device=dev)
+        hi_t, hi_l = self._pos_high(ph, pw)
+        top = torch.randint(0, hi_t, (B, npred), generator=gen, device=dev)
+        left = torch.randint(0, hi_l, (B, npred), generator=gen, device=dev)
+        hi_t, hi_l = self._pos_high(eh, ew)
+        fallbacks = torch.zeros((), dtype=torch.int64, device=dev)
+
+        def rect(t, l, h, w):   # [B, 1] corners -> [B, H, W] bool
+            return ((rows >= t) & (rows < t + h))[:, :, None] & ((cols >= l) & (cols < l + w))[:, None, :]
+
+        enc_maps = []
+        if self.allow_overlap:
+            for _ in range(self.nenc):
+                et = torch.randint(0, hi_t, (B, 1), generator=gen, device=dev)
+                el = torch.randint(0, hi_l, (B, 1), generator=gen, device=dev)
+                enc_maps.append(rect(et, el, eh, ew).view(B, H * W))
+            return torch.stack(enc_maps), (top, left), (ph, pw), fallbacks
+
+        tb = self._tables
+        R = self.CANDIDATES_PER_LEVEL
+        # bit j of cover[b, r, c] = patch (r, c) lies in target j
+        w = tb["weights"]
+        row_bits = (((rows >= top[..., None]) & (rows < top[..., None] + ph)) * w[:, None]).sum(1)   # [B, H]
+        col_bits = (((cols >= left[..., None]) & (cols < left[..., None] + pw)) * w[:, None]).sum(1)  # [B, W]
+        cover = row_bits.int()[:, :, None] & col_bits.int()[:, None, :]                          # [B, H, W]
+
+        def box_sums(x):   # [..., H, W] -> sum over the eh x ew block at every corner it can take
+            s = F.pad(x.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+            box = s[..., eh:, ew:] - s[..., :-eh, ew:] - s[..., eh:, :-ew] + s[..., :-eh, :-ew]
+            return box.flatten(-2)
+
+        box_w = W - ew + 1
+        union_box = box_sums((cover != 0).to(torch.int32))                                       # [B, corners]
+        limit = eh * ew - self.min_keep            # valid iff overlap < limit (> min_keep kept)
+        level_box = None
+        for _ in range(self.nenc):
+            # level 0 (every target forbidden): the loop's first 20 draws
+            ct = torch.randint(0, hi_t, (B, R), generator=gen, device=dev)
+            cl = torch.randint(0, hi_l, (B, R), generator=gen, device=dev)
+            valid = torch.gather(union_box, 1, ct * box_w + cl) < limit                        # [B, R]
+            first = torch.argmax(valid.to(torch.uint8), dim=1, keepdim=True)
+            et, el = ct.gather(1, first), cl.gather(1, first)                                   # [B, 1]
+            level = torch.zeros(B, dtype=torch.int64, device=dev)
+            ok = valid.any(1)
+            if not bool(ok.all()):   # rare: some sample needs the loop's region-dropping fallback
+                if level_box is None:
+                    # every level's overlap from one integral image of bit-packed indicators
+                    packed = tb["lut"].index_select(1, cover.view(-1)).view(-1, B, H, W)
+                    lb = box_sums(packed)                                                       # [P, B, corners]
+                    level_box = lb.transpose(0, 1)[:, tb["plane"][1:]]                          # [B, npred, corners]
+                L1 = npred   # levels 1..npred: 20 fresh draws each, as after every 20 failures
+                ct2 = torch.randint(0, hi_t, (B, L1, R), generator=gen, device=dev)
+                cl2 = torch.randint(0, hi_l, (B, L1, R), generator=gen, device=dev)
+                over = (torch.gather(level_box, 2, ct2 * box_w + cl2) >> tb["shift"][1:, None]) & tb["field"]
+                valid2 = (over < limit).view(B, L1 * R)
+                # the last level forbids nothing, so it is always valid and argmax finds a True
+                first2 = torch.argmax(valid2.to(torch.uint8), dim=1, keepdim=True)
+                et = torch.where(ok[:, None], et, ct2.view(B, -1).gather(1, first2))
+                el = torch.where(ok[:, None], el, cl2.view(B, -1).gather(1, first2))
+                level = torch.where(ok, level, 1 + first2.squeeze(1) // R)
+                fallbacks = fallbacks + (~ok).sum()
+            allowed = (cover & tb["keep_mask"][level].view(B, 1, 1)) == 0
+            enc_maps.append((rect(et, el, eh, ew) & allowed).view(B, H * W))
+        return torch.stack(enc_maps), (top, left), (ph, pw), fallbacks
+
+    def _target_maps(self, top, left, size):
+        """Target rectangles as bool maps ``[npred, B, H*W]``."""
+        H, W, dev = self.height, self.width, self.device
+        rows, cols = torch.arange(H, device=dev), torch.arange(W, device=dev)
+        r_in = (rows >= top[..., None]) & (rows < top[..., None] + size[0])
+        c_in = (cols >= left[..., None]) & (cols < left[..., None] + size[1])
+        return (r_in[..., :, None] & c_in[..., None, :]).view(top.shape[0], self.npred, H * W).transpose(0, 1)
+
+    def _sample(self, batch_size: int):
+        enc_maps, (top, left), (ph, pw), fallbacks = self.sample_maps(batch_size)
+        B, W, dev = batch_size, self.width, self.device
+        HW = self.height * W
+        counts = enc_maps.sum(-1)                                               # [nenc, B]
+        k_enc, nfb = torch.stack([counts.min(), fallbacks]).tolist()           # the one host sync
+        self.last_fallbacks = nfb
+        if nfb:
+            log.warning("mask sampler: %d context block(s) dropped target regions to keep more than "
+                        "min_keep=%d patches", nfb, self.min_keep)
+        # the first k_enc kept patches of every row, ascending (masked_select is row-major)
+        keep = enc_maps & (enc_maps.cumsum(-1, dtype=torch.int16) <= k_enc)
+        pos = torch.arange(HW, device=dev).expand_as(keep)
+        masks_enc = list(pos.masked_select(keep).view(self.nenc, B, k_enc).unbind(0))
+        # targets are unconstrained rectangles: their ascending indices follow from the corner
+        r = torch.arange(ph, device=dev)[:, None]
+        c = torch.arange(pw, device=dev)[None, :]
+        pred = (top[..., None, None] + r) * W + left[..., None, None] + c     # [B, npred, ph, pw]
+        masks_pred = list(pred.view(B, self.npred, ph * pw).transpose(0, 1).unbind(0))
+        return masks_enc, masks_pred
+
+    def __call__(self, batch_size: int):
+        if self._stream is None:
+            return self._sample(batch_size)
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            masks_enc, masks_pred = self._sample(batch_size)
+        main.wait_stream(self._stream)
+        for m in masks_enc + masks_pred:   # memory made on the side stream is used on the main one
+            m.record_stream(main)
+        return masks_enc, masks_pred
+
+    def sample_ragged(self, batch_size: int):
+        """Untruncated masks, [sample][block] lists of 1-D index tensors (for packed predictors)."""
+        enc_maps, (top, left), size, _ = self.sample_maps(batch_size)
+        pred_maps = self._target_maps(top, left, size)
+
+        def split(maps):   # [nblocks, B, HW] -> per block a tuple of B index tensors
+            return [torch.split(m.nonzero()[:, 1], m.sum(-1).tolist()) for m in maps]
+
+        enc, pred = split(enc_maps), split(pred_maps)
+        return [list(x) for x in zip(*enc)], [list(x) for x in zip(*pred)]
