@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.masks import MultiBlockMaskSampler, VectorizedMaskSampler, collate_truncated
+from stats_util import chi2_homogeneity_p, ks_2samp_p, mean_close
 
 # the reference configs' values on the ViT-H/14 grid (16 x 16)
 REF = dict(input_size=224, patch_size=14, enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2),
@@ -18,38 +19,6 @@ REF = dict(input_size=224, patch_size=14, enc_mask_scale=(0.85, 1.0), pred_mask_
 FALLBACK = dict(input_size=224, patch_size=16, enc_mask_scale=(0.2, 0.3), pred_mask_scale=(0.25, 0.35),
                 aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=20, allow_overlap=False)
 BATCHES, B = 300, 16
-
-
-def chi2_homogeneity_p(a: torch.Tensor, b: torch.Tensor) -> float:
-    """p-value of a chi-square test that two histograms (same bins) come from one distribution."""
-    a, b = a.double(), b.double()
-    keep = (a + b) > 0
-    a, b = a[keep], b[keep]
-    na, nb = a.sum(), b.sum()
-    tot = a + b
-    ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
-    stat = (((a - ea) ** 2) / ea + ((b - eb) ** 2) / eb).sum()
-    dof = keep.sum().item() - 1
-    if dof == 0:
-        return 1.0
-    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.double), stat / 2).item()
-
-
-def ks_2samp_p(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Two-sample Kolmogorov-Smirnov p-value (asymptotic; conservative for discrete data)."""
-    x, y = x.double().sort().values, y.double().sort().values
-    grid = torch.cat([x, y])
-    cdf = lambda s: torch.searchsorted(s, grid, right=True).double() / len(s)  # noqa: E731
-    d = (cdf(x) - cdf(y)).abs().max().item()
-    en = (len(x) * len(y) / (len(x) + len(y))) ** 0.5
-    lam = (en + 0.12 + 0.11 / en) * d
-    j = torch.arange(1, 101, dtype=torch.double)
-    return float((2 * ((-1) ** (j - 1)) * torch.exp(-2 * j ** 2 * lam ** 2)).sum().clamp(0, 1))
-
-
-def mean_close(x: torch.Tensor, y: torch.Tensor, n_se: float = 4.0) -> bool:
-    se = (x.var() / len(x) + y.var() / len(y)).sqrt()
-    return bool((x.mean() - y.mean()).abs() < n_se * se)
 
 
 def collect(sampler, cfg, batches=BATCHES, bsz=B):
