@@ -176,7 +176,7 @@ def test_the_fallback_test_rejects_a_different_redraw_budget(fallback_stats):
     assert ks_2samp_p(loop["ctx_raw"], bad["ctx_raw"]) < 1e-6
 
 
-def test_fallback_count_is_reported():
+def test_fallback_count_is_reported_and_patch_counts_are_exact():
     v = VectorizedMaskSampler(**FALLBACK)
     total = 0
     for _ in range(10):
@@ -184,6 +184,12 @@ def test_fallback_count_is_reported():
         total += v.last_fallbacks
         assert enc[0].shape[1] > FALLBACK["min_keep"]                  # strictly more than min_keep
     assert total > 0
+    # the counts that set K come from the integral images; they must equal the maps' sums
+    for cfg in (REF, FALLBACK, dict(FALLBACK, allow_overlap=True), dict(FALLBACK, nenc=2)):
+        s = VectorizedMaskSampler(**cfg)
+        for _ in range(5):
+            maps, counts, *_ = s.sample_maps(32)
+            assert torch.equal(maps.sum(-1), counts.long())
 
 
 def test_allow_overlap_and_paper_mode_follow_the_loop_sampler():
