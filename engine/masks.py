@@ -31,6 +31,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +234,237 @@ def collate_truncated(per_sample: list[list[torch.Tensor]]) -> list[torch.Tensor
     k = min(len(m) for ms in per_sample for m in ms)
     nblocks = len(per_sample[0])
     return [torch.stack([ms[j][:k] for ms in per_sample]) for j in range(nblocks)]
+
+
+
+
+class VectorizedMaskSampler(MultiBlockMaskSampler):
+    """The multi-block sampler for a whole batch at once, with tensor ops on ``device``.
+
+    Same arguments, modes, block-size rule (counter-seeded generator, one draw per batch)
+    and ``[B, K]`` output as :class:`MultiBlockMaskSampler`, but no per-sample Python loop,
+    so it can run next to the model on the GPU. It reads two scalars back per batch (does
+    any sample need the fallback; ``K``); on CUDA the work runs on a side stream, so those
+    reads wait for the sampler's own kernels only, not for the queued training step.
+
+    Distribution: the same as the loop sampler of the chosen mode, not the same numbers.
+    Block positions come from the sampler's own generator seeded with (batch counter,
+    ``seed_offset``), not from the global torch RNG, so reference-mode *bit* parity stays
+    with :class:`MultiBlockMaskSampler`. The loop redraws an invalid context block (not more
+    than ``min_keep`` patches left once the sample's targets are removed) and, after every
+    20 failures, drops the last remaining target region. Here every sample gets 20
+    candidate positions for each of the ``npred + 1`` region levels at once (all targets,
+    all but the last, ..., none) and the first valid candidate in that order wins. That is
+    the loop's own sequence of independent draws, so the fallback and the resulting
+    distribution are reproduced exactly, not approximately.
+
+    Counting every candidate's overlap without a [candidates x grid] tensor: each patch
+    gets a bit mask of the targets covering it (one broadcast AND of per-row and
+    per-column masks, since targets are rectangles); an integral image of "covered by any
+    target" gives the first level's overlap for any position with one gather. Only when
+    some sample needs the fallback: at the level that keeps the first ``k`` targets a patch
+    is forbidden iff its lowest set bit is below ``k``, and a lookup table turns the bit mask
+    into one int64 whose bit fields hold that indicator for every level, so one more
+    integral image serves all remaining levels.
+    """
+
+    CANDIDATES_PER_LEVEL = 20   # the reference's redraw budget before dropping a region
+    MAX_NPRED = 16              # the lookup table has 2**npred entries
+
+    def __init__(self, *args, device="cpu", **kw):
+        super().__init__(*args, **kw)
+        if self.npred > self.MAX_NPRED:
+            raise ValueError(f"VectorizedMaskSampler: npred={self.npred} > {self.MAX_NPRED} target blocks; "
+                             f"use MultiBlockMaskSampler for that many")
+        self.device = torch.device(device)
+        self.last_fallbacks = 0   # context blocks of the last batch that had to drop target regions
+        self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self._tables = self._lookup_tables()
+        self._pos_gen = None
+        self._size_gen = torch.Generator()
+        self._first_call = True
+
+    def _lookup_tables(self):
+        """``lut[plane, mask]``: packed 'forbidden at level k' bits for a patch covered by ``mask``."""
+        npred, H, W = self.npred, self.height, self.width
+        bits = (H * W).bit_length()                 # a field counts up to H*W patches
+        per = max(1, 62 // bits)                    # fields per int64 plane
+        planes = -(-npred // per)
+        masks = torch.arange(1 << npred)
+        lowest = torch.full((1 << npred,), npred)   # index of the first covering target
+        for j in reversed(range(npred)):
+            lowest = torch.where((masks >> j) & 1 == 1, j, lowest)
+        lut = torch.zeros((planes, 1 << npred), dtype=torch.int64)
+        for k in range(1, npred + 1):               # level keeping targets 0..k-1
+            lut[(k - 1) // per] += (lowest < k).long() << (bits * ((k - 1) % per))
+        # per candidate level t (keeps k = npred - t targets): which plane and field to read;
+        # the last level keeps none and reads bit 63, which is 0 in every non-negative sum
+        ks = [npred - t for t in range(npred + 1)]
+        plane = torch.tensor([max(k - 1, 0) // per for k in ks])
+        shift = torch.tensor([bits * ((k - 1) % per) if k > 0 else 63 for k in ks])
+        keep_mask = torch.tensor([(1 << k) - 1 for k in ks], dtype=torch.int32).to(torch.int16)
+
+        def spans(n):   # [size, start, n] bool: positions start..start+size-1 of n
+            i = torch.arange(n + 1)
+            return (i[None, :, None] <= torch.arange(n)) & (torch.arange(n) < i[None, :, None] + i[:, None, None])
+
+        dev = self.device
+        weights = 1 << torch.arange(npred)
+        return dict(lut=lut.to(dev), plane=plane.to(dev), shift=shift.to(dev), field=(1 << bits) - 1,
+                    keep_mask=keep_mask.to(dev), planes=planes,
+                    span_r=spans(H).to(dev), span_c=spans(W).to(dev), pos=torch.arange(H * W, device=dev),
+                    # bits[size][j, start] = span with target j's bit set (int16 wraps bit 15 harmlessly)
+                    bits_r=(spans(H)[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
+                    bits_c=(spans(W)[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
+                    target_index=torch.arange(npred, device=dev),
+                    count_dtype=torch.int16 if H * W < 2 ** 15 else torch.int32)
+
+    def _pos_high(self, h: int, w: int) -> tuple[int, int]:
+        """Exclusive upper bounds for (top, left) of an h x w block."""
+        if self.mode == "reference":   # the reference's randint(0, H - h): never the last row/column
+            return self.height - h, self.width - w
+        return self.height - h + 1, self.width - w + 1
+
+    def _generator(self, seed: int) -> torch.Generator:
+        if self._pos_gen is None:   # one generator object, reseeded per batch (creating one costs more)
+            self._pos_gen = torch.Generator(device=self.device)
+        self._pos_gen.manual_seed(((seed + 1) * 2_147_483_647 + self.seed_offset * 1_000_003 + 0x5EED) % (2 ** 63))
+        return self._pos_gen
+
+    def sample_maps(self, batch_size: int):
+        """Untruncated context masks as bool maps ``[nenc, B, H*W]`` with their patch counts
+        ``[nenc, B]``, target corners ``(top, left)`` (each ``[B, npred]``), target size ``(h, w)``,
+        and how many context blocks dropped target regions (an int)."""
+        B, H, W, dev, npred = batch_size, self.height, self.width, self.device, self.npred
+        seed = self.step()
+        self._size_gen.manual_seed(seed)   # the reference's counter-seeded size draws
+        (ph, pw), (eh, ew) = self._sizes(self._size_gen)
+        if ph * pw <= self.min_keep or eh * ew <= self.min_keep:   # check_mask_config rules this out
+            raise RuntimeError(f"mask sampler: block {ph}x{pw} / {eh}x{ew} cannot hold more than "
+                               f"min_keep={self.min_keep} patches")
+        gen = self._generator(seed)
+        tb = self._tables
+        span_r, span_c = tb["span_r"], tb["span_c"]   # span[h][t] = which rows/cols [t, t+h) covers
+        hi_t, hi_l = self._pos_high(ph, pw)
+        top = torch.randint(0, hi_t, (B, npred), generator=gen, device=dev)
+        left = torch.randint(0, hi_l, (B, npred), generator=gen, device=dev)
+        hi_t, hi_l = self._pos_high(eh, ew)
+        fallbacks = 0
+
+        def rect(t, l):   # [B] corners of the context block -> [B, H*W] bool
+            return (span_r[eh][t][:, :, None] & span_c[ew][l][:, None, :]).view(B, H * W)
+
+        enc_maps = []
+        if self.allow_overlap:
+            for _ in range(self.nenc):
+                et = torch.randint(0, hi_t, (B,), generator=gen, device=dev)
+                el = torch.randint(0, hi_l, (B,), generator=gen, device=dev)
+                enc_maps.append(rect(et, el))
+            counts = torch.full((self.nenc, B), eh * ew, device=dev)
+            return torch.stack(enc_maps), counts, (top, left), (ph, pw), fallbacks
+
+        R = self.CANDIDATES_PER_LEVEL
+        # bit j of cover[b, r, c] = patch (r, c) lies in target j; int16 keeps the maps small
+        j = tb["target_index"]
+        row_bits = tb["bits_r"][ph][j, top].sum(1, dtype=torch.int16)                          # [B, H]
+        col_bits = tb["bits_c"][pw][j, left].sum(1, dtype=torch.int16)                         # [B, W]
+        cover = row_bits[:, :, None] & col_bits[:, None, :]                                     # [B, H, W]
+
+        def box_sums(x):   # [..., H, W] -> sum over the eh x ew block at every corner it can take
+            s = F.pad(x.cumsum(-1, dtype=x.dtype).cumsum(-2, dtype=x.dtype), (1, 0, 1, 0))
+            box = s[..., eh:, ew:] - s[..., :-eh, ew:] - s[..., eh:, :-ew] + s[..., :-eh, :-ew]
+            return box.flatten(-2)
+
+        box_w = W - ew + 1
+        if hi_t * hi_l == 1:   # one possible context position (every reference config): no integral image
+            union_box = (cover[:, :eh, :ew] != 0).sum((1, 2), keepdim=True).view(B, 1)
+        else:
+            union_box = box_sums((cover != 0).to(tb["count_dtype"]))                          # [B, corners]
+        limit = eh * ew - self.min_keep            # valid iff overlap < limit (> min_keep kept)
+        level_box, counts = None, []
+        for _ in range(self.nenc):
+            # level 0 (every target forbidden): the loop's first 20 draws
+            ct = torch.randint(0, hi_t, (B, R), generator=gen, device=dev)
+            cl = torch.randint(0, hi_l, (B, R), generator=gen, device=dev)
+            overlap = torch.gather(union_box, 1, ct * box_w + cl)                               # [B, R]
+            valid = overlap < limit
+            first = torch.argmax(valid.to(torch.uint8), dim=1, keepdim=True)
+            et, el = ct.gather(1, first).squeeze(1), cl.gather(1, first).squeeze(1)            # [B]
+            overlap = overlap.gather(1, first).squeeze(1)
+            ok = valid.any(1)
+            if bool(ok.all()):   # the common case: every sample kept all its targets out
+                allowed = cover == 0
+            else:   # some sample needs the loop's region-dropping fallback (costs a host sync)
+                if level_box is None:
+                    # every level's overlap from one integral image of bit-packed indicators
+                    packed = tb["lut"].index_select(1, cover.view(-1).long() & 0xFFFF).view(-1, B, H, W)
+                    lb = box_sums(packed)                                                       # [P, B, corners]
+                    level_box = lb.transpose(0, 1)[:, tb["plane"][1:]]                          # [B, npred, corners]
+                L1 = npred   # levels 1..npred: 20 fresh draws each, as after every 20 failures
+                ct2 = torch.randint(0, hi_t, (B, L1, R), generator=gen, device=dev)
+                cl2 = torch.randint(0, hi_l, (B, L1, R), generator=gen, device=dev)
+                over = (torch.gather(level_box, 2, ct2 * box_w + cl2) >> tb["shift"][1:, None]) & tb["field"]
+                over = over.view(B, L1 * R)
+                valid2 = over < limit
+                # the last level forbids nothing, so it is always valid and argmax finds a True
+                first2 = torch.argmax(valid2.to(torch.uint8), dim=1, keepdim=True)
+                et = torch.where(ok, et, ct2.view(B, -1).gather(1, first2).squeeze(1))
+                el = torch.where(ok, el, cl2.view(B, -1).gather(1, first2).squeeze(1))
+                level = torch.where(ok, 0, 1 + first2.squeeze(1) // R)
+                overlap = torch.where(ok, overlap, over.gather(1, first2).squeeze(1).to(overlap.dtype))
+                allowed = (cover & tb["keep_mask"][level].view(B, 1, 1)) == 0
+                fallbacks += int((~ok).sum())
+            enc_maps.append(rect(et, el) & allowed.view(B, H * W))
+            counts.append(eh * ew - overlap)
+        return torch.stack(enc_maps), torch.stack(counts), (top, left), (ph, pw), fallbacks
+
+    def _target_maps(self, top, left, size):
+        """Target rectangles as bool maps ``[npred, B, H*W]``."""
+        tb = self._tables
+        m = tb["span_r"][size[0]][top][..., :, None] & tb["span_c"][size[1]][left][..., None, :]
+        return m.view(top.shape[0], self.npred, -1).transpose(0, 1)
+
+    def _sample(self, batch_size: int):
+        enc_maps, counts, (top, left), (ph, pw), fallbacks = self.sample_maps(batch_size)
+        B, W = batch_size, self.width
+        k_enc = int(counts.min())                                              # the one host sync
+        self.last_fallbacks = fallbacks
+        if fallbacks:
+            log.warning("mask sampler: %d context block(s) dropped target regions to keep more than "
+                        "min_keep=%d patches", fallbacks, self.min_keep)
+        # the first k_enc kept patches of every row, ascending (masked_select is row-major)
+        keep = enc_maps & (enc_maps.cumsum(-1, dtype=torch.int16) <= k_enc)
+        pos = self._tables["pos"].expand_as(keep)
+        masks_enc = list(pos.masked_select(keep).view(self.nenc, B, k_enc).unbind(0))
+        # targets are unconstrained rectangles: their ascending indices follow from the corner
+        offsets = (self._tables["pos"][:ph, None] * W + self._tables["pos"][:pw]).view(-1)
+        pred = (top * W + left)[..., None] + offsets                           # [B, npred, ph*pw]
+        return masks_enc, list(pred.transpose(0, 1).unbind(0))
+
+    def __call__(self, batch_size: int):
+        if self._stream is None:
+            return self._sample(batch_size)
+        main = torch.cuda.current_stream(self.device)
+        if self._first_call:   # the lookup tables were written on the main stream
+            self._stream.wait_stream(main)
+            self._first_call = False
+        # no wait on the main stream otherwise: the sampler reads only its own tensors, so its
+        # kernels (and the host reads of K) need not queue behind the training step
+        with torch.cuda.stream(self._stream):
+            masks_enc, masks_pred = self._sample(batch_size)
+        main.wait_stream(self._stream)
+        for m in masks_enc + masks_pred:   # memory made on the side stream is used on the main one
+            m.record_stream(main)
+        return masks_enc, masks_pred
+
+    def sample_ragged(self, batch_size: int):
+        """Untruncated masks, [sample][block] lists of 1-D index tensors (for packed predictors)."""
+        enc_maps, _, (top, left), size, fallbacks = self.sample_maps(batch_size)
+        self.last_fallbacks = fallbacks
+        pred_maps = self._target_maps(top, left, size)
+
+        def split(maps):   # [nblocks, B, HW] -> per block a tuple of B index tensors
+            return [torch.split(m.nonzero()[:, 1], m.sum(-1).tolist()) for m in maps]
+
+        enc, pred = split(enc_maps), split(pred_maps)
+        return [list(x) for x in zip(*enc)], [list(x) for x in zip(*pred)]
