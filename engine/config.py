@@ -82,6 +82,9 @@ class MaskConfig:
     # engine addition: "reference" reproduces the reference collator bit for bit,
     # "paper" lets blocks touch every row/column and draws aspect independently.
     mode: str = "reference"
+    # loop: the per-sample sampler (bit-exact to the reference in reference mode);
+    # vectorized: whole batch in tensor ops (same distribution, for GPUs / large batches)
+    sampler: str = "loop"
 
 
 @dataclass
@@ -252,6 +255,7 @@ class IJEPAConfig:
         _choice("data.dataset", d.dataset, ("imagefolder", "fmnist", "synthetic"))
         _choice("data.loader", d.loader, ("torch", "dali", "auto"))
         _choice("mask.mode", m.mode, ("reference", "paper"))
+        _choice("mask.sampler", m.sampler, ("loop", "vectorized"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if t.precision is not None:

@@ -280,6 +280,10 @@ def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     """The training loader named by ``data.loader`` (``torch`` here; ``dali`` when available)."""
     d = cfg.data
     kind = d.loader
+    # auto: DALI only where it pays (a GPU); on a CPU the crops a run sees should not depend
+    # on whether DALI happens to be installed
+    if kind == "auto" and device.type != "cuda":
+        kind = "torch"
     if kind in ("dali", "auto") and d.dataset == "imagefolder":
         try:
             from engine import data_dali

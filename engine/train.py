@@ -26,7 +26,7 @@ from engine.checkpoint import (build_state, load_file, paths, prune_step_checkpo
 from engine.config import ConfigError, IJEPAConfig
 from engine.diagnostics import step_stats, warnings_for
 from engine.data import BatchPrefetcher, DataError, build_loader
-from engine.masks import MultiBlockMaskSampler
+from engine.masks import MultiBlockMaskSampler, VectorizedMaskSampler
 from engine.model import build_model
 from engine.schedules import Schedules, apply_lr_wd
 
@@ -171,7 +171,8 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
     if ipe == 0:
         raise ConfigError(f"optimization.grad_accum_steps: {accum} exceeds the {len(loader)} batches per epoch")
     sched = Schedules.from_config(cfg, ipe)
-    sampler = MultiBlockMaskSampler.from_config(cfg)
+    sampler = (VectorizedMaskSampler.from_config(cfg, device=device) if cfg.mask.sampler == "vectorized"
+               else MultiBlockMaskSampler.from_config(cfg))
     torch.manual_seed(cfg.train.seed)   # the global RNG drives reference-mode mask placement
 
     step, epoch, batch_in_epoch = 0, 0, 0

@@ -185,3 +185,11 @@ def test_nonfinite_stop_mode_keeps_a_checkpoint(tmp_path, monkeypatch):
     rows = open(out["csv"]).read().strip().splitlines()
     col = rows[0].split(",").index("skipped")
     assert rows[-1].split(",")[col] == "8"
+
+
+def test_vectorized_sampler_trains_and_resumes_exactly(tmp_path):
+    ov = ["mask.sampler=vectorized", "mask.mode=paper"]
+    straight = train(smoke(tmp_path / "a", *ov))["losses"]
+    first = train(smoke(tmp_path / "b", *ov, "train.max_steps=5"))
+    second = train(smoke(tmp_path / "b", *ov), resume=True)
+    assert first["losses"] + second["losses"] == straight
