@@ -121,6 +121,10 @@ class ModelConfig:
     num_heads: Optional[int] = None
     mlp_ratio: Optional[float] = None
     pred_num_heads: Optional[int] = None   # reference: the encoder's head count
+    # init std of the patch-embedding conv (reference 0.02). With small patches (4x4x3 = 48 inputs)
+    # its output is ~5x weaker than the sin-cos positions, so targets are mostly position; a larger
+    # value restores the content/position balance the reference has at 16x16 patches.
+    patch_embed_std: Optional[float] = None
 
 
 @dataclass

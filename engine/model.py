@@ -298,6 +298,9 @@ class IJEPA(nn.Module):
         self.predictor.skip_unused_rows = cfg.train.skip_unused_rows
         _reinit(self.encoder)
         _reinit(self.predictor)
+        if cfg.model.patch_embed_std is not None:   # rescale: same RNG draws as the reference init
+            with torch.no_grad():
+                self.encoder.patch_embed.proj.weight.mul_(cfg.model.patch_embed_std / 0.02)
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
