@@ -179,6 +179,14 @@ def _reinit(module: nn.Module, std=0.02):
             nn.init.constant_(m.weight, 1.0)
 
 
+def _set_backends(module, blocks, attention=None, gather=None):
+    for blk in blocks:
+        if attention is not None:
+            blk.attn.backend = attention
+    if gather is not None:
+        module.gather_backend = gather
+
+
 # ----------------------------------------------------------------- encoder / predictor
 class VisionTransformer(nn.Module):
     """ViT encoder without cls token. ``forward(x, masks=None)`` -> ``[len(masks)*B, K, D]``
@@ -201,11 +209,7 @@ class VisionTransformer(nn.Module):
         _ctor_init(self, self.blocks)
 
     def set_backends(self, attention=None, gather=None):
-        for blk in self.blocks:
-            if attention is not None:
-                blk.attn.backend = attention
-        if gather is not None:
-            self.gather_backend = gather
+        _set_backends(self, self.blocks, attention, gather)
 
     def forward(self, x, masks=None):
         x = self.patch_embed(x)
@@ -241,11 +245,7 @@ class VisionTransformerPredictor(nn.Module):
         _ctor_init(self, self.predictor_blocks)
 
     def set_backends(self, attention=None, gather=None):
-        for blk in self.predictor_blocks:
-            if attention is not None:
-                blk.attn.backend = attention
-        if gather is not None:
-            self.gather_backend = gather
+        _set_backends(self, self.predictor_blocks, attention, gather)
 
     def forward(self, x, masks_x, masks):
         masks_x = list(masks_x) if isinstance(masks_x, (list, tuple)) else [masks_x]
