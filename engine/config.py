@@ -66,6 +66,7 @@ class DataConfig:
     synthetic_size: int = 1024        # images per epoch for dataset: synthetic
     fmnist_dir: str = "/usr/share/datasets/fashion-mnist"
     max_images: Optional[int] = None  # use only the first N images (quick runs)
+    prefetch: int = 2                 # batches (with their masks) prepared ahead in a thread; 0 = inline
 
 
 @dataclass
@@ -136,6 +137,10 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
     nonfinite: str = "skip"       # skip (reference behaviour) | stop
     progress: bool = True         # progress bar on stderr
+    # fast-path switches (each keeps the reference's numbers within fp32 rounding)
+    skip_unused_rows: bool = True  # predictor's last block: no query/MLP work for context rows
+    compile: bool = False          # torch.compile each transformer block (dynamic token count)
+    activation_checkpointing: bool = False  # recompute encoder/predictor blocks in backward (memory)
 
 
 @dataclass

@@ -134,42 +134,57 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise DataError(f"no readable image in {self.root}")
 
 
-def read_idx_gz(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzip or plain) of unsigned bytes as a writable numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
         data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file")
+    if data[2] != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{data[2]:02x}; only unsigned bytes (0x08) are read")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
-def load_fmnist(folder: str, split: str = "train"):
-    """uint8 images [N, 28, 28] and int64 labels [N] from the Debian package's files."""
-    prefix = "train" if split == "train" else "t10k"
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"   # where the Debian package puts it
+
+
+def load_fmnist(split: str = "train", folder: str = FMNIST_DIR):
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` numpy arrays of the official ``train``
+    (60k) or ``test`` (10k) split, from the Debian package's files."""
+    prefix = {"train": "train", "test": "t10k"}[split]
     img_path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
     lbl_path = os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")
-    if not os.path.isfile(img_path):
-        raise DataError(f"Fashion-MNIST not found at {img_path}; install it with "
-                        f"'apt-get install dataset-fashion-mnist' (or set data.fmnist_dir)")
-    return (torch.from_numpy(read_idx_gz(img_path).copy()),
-            torch.from_numpy(read_idx_gz(lbl_path).astype(np.int64)))
+    for path in (img_path, lbl_path):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing; install Fashion-MNIST with 'apt-get install -y "
+                            f"dataset-fashion-mnist' (as root), or set data.fmnist_dir")
+    images, labels = read_idx(img_path), read_idx(lbl_path).astype(np.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{folder}: {images.shape[0]} images but {labels.shape[0]} labels")
+    return images, labels
 
 
-def fmnist_to_float(images_u8: torch.Tensor, size: int, in_chans: int = 3) -> torch.Tensor:
-    """28x28 uint8 -> float [N, C, size, size] in [0,1]: padded by 2 to 32 (the demo's layout)
-    when size == 32, else resized. Channels replicated to ``in_chans``."""
-    x = images_u8.float().div(255).unsqueeze(1)
-    if size == 32:
+def fmnist_to_float(images_u8, size: int, in_chans: int = 3) -> torch.Tensor:
+    """28x28 uint8 -> float [N, C, size, size] in [0, 1]. Crops up to 32 px: padded by 2 to 32
+    (the demo's layout) then resized if smaller; larger crops: resized from 28. Channels
+    replicated to ``in_chans``."""
+    x = torch.as_tensor(np.ascontiguousarray(images_u8)).float().div(255).unsqueeze(1)
+    if size <= 32:
         x = F.pad(x, (2, 2, 2, 2))
-    elif size != 28:
+    if x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.expand(-1, in_chans, -1, -1)
 
 
 class FashionMNISTDataset(torch.utils.data.Dataset):
     def __init__(self, folder, crop_size, crop_scale=(0.3, 1.0), in_chans=3, split="train", max_images=None):
-        images, labels = load_fmnist(folder, split)
+        images, labels = load_fmnist(split, folder)
         if max_images:
             images, labels = images[:max_images], labels[:max_images]
+        labels = torch.from_numpy(labels)
         base = 32 if crop_size <= 32 else crop_size
         self.images = fmnist_to_float(images, base, 1)   # replicate channels after the crop
         self.labels = labels
@@ -280,3 +295,89 @@ def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     ds = build_dataset(cfg)
     return TrainLoader(ds, d.batch_size, rank, world_size, seed=cfg.train.seed,
                        num_workers=d.num_workers, pin_memory=d.pin_mem, device=device)
+
+
+# ----------------------------------------------------------------- prefetch
+class BatchPrefetcher:
+    """Loads batches and samples their masks ahead of the training step, in a background thread.
+
+    Reference-mode masks draw positions from the global torch RNG, so the order of draws is
+    what makes a run reproducible. Only this producer draws from it while it runs, and every
+    produced item remembers the RNG state and sampler counter from before its draw. ``stop()``
+    rewinds both to the first item that was produced but not consumed, so a checkpoint saved
+    after ``stop()`` (and the run continuing after it) sees exactly the state of a run without
+    prefetching. ``depth=0`` produces inline, on demand.
+    """
+
+    def __init__(self, loader, sampler, device, depth: int = 2):
+        import queue
+        import threading
+        self.loader, self.sampler, self.device, self.depth = loader, sampler, device, depth
+        self._queue_mod, self._threading = queue, threading
+        self._thread = None
+        self._gen = None
+
+    def _produce(self, batches):
+        snap = (torch.get_rng_state(), self.sampler.state_dict())
+        images, labels = next(batches)
+        masks_enc, masks_pred = self.sampler(len(images))
+        return snap, images, [m.to(self.device, non_blocking=True) for m in masks_enc], \
+            [m.to(self.device, non_blocking=True) for m in masks_pred]
+
+    def start(self, epoch: int, start_batch: int, count: int):
+        """Serve ``count`` batches of ``epoch`` from batch ``start_batch`` on."""
+        batches = self.loader.epoch_batches(epoch, start_batch)
+        self._pending = []
+        if self.depth <= 0:
+            self._gen = (self._produce(batches) for _ in range(count))
+            return
+        self._q = self._queue_mod.Queue(maxsize=self.depth)
+        self._stop = self._threading.Event()
+
+        def run():
+            try:
+                for _ in range(count):
+                    item = self._produce(batches)
+                    while not self._stop.is_set():
+                        try:
+                            self._q.put(item, timeout=0.1)
+                            break
+                        except self._queue_mod.Full:
+                            continue
+                    if self._stop.is_set():
+                        self._pending.append(item)   # produced, never served: rewound by stop()
+                        return
+            except BaseException as e:  # surfaces in get(), on the training thread
+                self._q.put(e)
+
+        self._thread = self._threading.Thread(target=run, name="ijepa-prefetch", daemon=True)
+        self._thread.start()
+
+    def get(self):
+        """(images, masks_enc, masks_pred) of the next batch."""
+        if self._thread is None:
+            _, images, me, mp = next(self._gen)
+            return images, me, mp
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        _, images, me, mp = item
+        return images, me, mp
+
+    def stop(self):
+        """Stop producing and rewind the RNG/sampler to the first unserved batch."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        unserved = []
+        while not self._q.empty():
+            item = self._q.get_nowait()
+            if not isinstance(item, BaseException):
+                unserved.append(item)
+        unserved += self._pending
+        if unserved:
+            rng, sampler_state = unserved[0][0]
+            torch.set_rng_state(rng)
+            self.sampler.load_state_dict(sampler_state)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels.attention as katt
 import kernels.ema as kema
@@ -80,12 +81,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
-    def forward(self, x):
+    def forward(self, x, keep_from: int | None = None):
+        """``keep_from``: only rows ``keep_from:`` are wanted downstream, so queries (and the
+        output projection) are computed for those rows only; keys/values still use all rows."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        H, d = self.num_heads, C // self.num_heads
+        if keep_from is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            kv = F.linear(x, w[C:], None if b is None else b[C:]).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+            k, v = kv[0], kv[1]
+            xq = x[:, keep_from:]
+            q = F.linear(xq, w[:C], None if b is None else b[:C]).reshape(B, -1, H, d).transpose(1, 2)
         x = katt.attention(q, k, v, backend=self.backend, scale=self.scale)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, -1, C)
         return self.proj(x)
 
 
@@ -99,8 +110,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    checkpointed = False   # recompute activations in backward (saves memory, costs a forward)
+
+    def forward(self, x, keep_from: int | None = None):
+        """``keep_from``: return only rows ``keep_from:``; the rows before it still serve as
+        keys/values but their own query, projection and MLP are never computed."""
+        if self.checkpointed and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, use_reentrant=False)
+        return self._forward(x, keep_from)
+
+    def _forward(self, x, keep_from: int | None = None):
+        y = self.attn(self.norm1(x), keep_from)
+        x = (x if keep_from is None else x[:, keep_from:]) + y
         return x + self.mlp(self.norm2(x))
 
 
@@ -220,6 +241,7 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=eps)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim, bias=True)
         self.gather_backend = gather_backend
+        self.skip_unused_rows = True
         _trunc_normal_(self.mask_token.data)   # before the module pass: RNG order of the reference
         _ctor_init(self, self.predictor_blocks)
 
@@ -243,10 +265,15 @@ class VisionTransformerPredictor(nn.Module):
         pred_tokens += pos_embs
         x = x.repeat(len(masks), 1, 1)
         x = torch.cat([x, pred_tokens], dim=1)
-        for blk in self.predictor_blocks:
-            x = blk(x)
+        last = len(self.predictor_blocks) - 1
+        for i, blk in enumerate(self.predictor_blocks):
+            # only the query tokens' outputs are used: in the last block the context rows are
+            # keys/values only (the reference computes and discards them: ~1/depth of the FLOPs)
+            x = blk(x, keep_from=n_ctx if (i == last and self.skip_unused_rows) else None)
+        if not self.skip_unused_rows or last < 0:
+            x = x[:, n_ctx:]
         x = self.predictor_norm(x)
-        return self.predictor_proj(x[:, n_ctx:])
+        return self.predictor_proj(x)
 
 
 # ----------------------------------------------------------------- the whole model
@@ -273,11 +300,24 @@ class IJEPA(nn.Module):
             num_patches=self.encoder.patch_embed.num_patches, embed_dim=a["embed_dim"],
             predictor_embed_dim=cfg.meta.pred_emb_dim, depth=cfg.meta.pred_depth,
             num_heads=a["pred_num_heads"], attn_backend=att, gather_backend=gat)
+        self.predictor.skip_unused_rows = cfg.train.skip_unused_rows
         _reinit(self.encoder)
         _reinit(self.predictor)
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
+        if cfg.train.activation_checkpointing:
+            for blk in list(self.encoder.blocks) + list(self.predictor.predictor_blocks):
+                blk.checkpointed = True
+        if cfg.train.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self):
+        """Regional compilation: each block is compiled once and reused by every layer, with the
+        token dimension dynamic so changing mask sizes do not recompile every step."""
+        for blocks in (self.encoder.blocks, self.predictor.predictor_blocks, self.target_encoder.blocks):
+            for blk in blocks:
+                blk.compile(dynamic=True)
 
     def set_backends(self, attention=None, gather=None, ema=None):
         for m in (self.encoder, self.predictor, self.target_encoder):

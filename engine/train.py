@@ -24,14 +24,17 @@ import torch
 from engine.checkpoint import (build_state, load_file, paths, prune_step_checkpoints, restore,
                                save_atomic)
 from engine.config import ConfigError, IJEPAConfig
-from engine.data import DataError, build_loader
+from engine.diagnostics import step_stats, warnings_for
+from engine.data import BatchPrefetcher, DataError, build_loader
 from engine.masks import MultiBlockMaskSampler
 from engine.model import build_model
 from engine.schedules import Schedules, apply_lr_wd
 
 log = logging.getLogger("ijepa")
 
-CSV_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "images/s", "lr", "wd", "skipped"]
+CSV_COLUMNS = ["epoch", "itr", "loss", "mask-A", "mask-B", "time (ms)", "images/s", "lr", "wd", "skipped",
+               "target_std", "target_erank", "pred_std"]
+DIAG_KEYS = ("target_std", "target_erank", "pred_std")
 
 
 class NonFiniteError(RuntimeError):
@@ -60,36 +63,47 @@ def autocast(device: torch.device, precision: str):
 
 
 def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, precision, device,
-               clip_grad=None, nonfinite="skip"):
+               clip_grad=None, nonfinite="skip", diagnostics=None):
     """One optimizer step over ``micro_batches`` = [(images, masks_enc, masks_pred), ...].
 
-    Returns (mean loss tensor, skipped: bool). The loss stays on the device (no host sync
-    here except the non-finite check).
+    ``diagnostics``: a dict to fill with collapse statistics of this step (see engine.diagnostics).
+    Returns ``(mean loss, skipped)`` as device tensors (``skipped`` is 1.0 when the step had a
+    non-finite loss or gradient). With a fused optimizer the skip decision stays on the device
+    (the optimizer reads ``found_inf``, as under a GradScaler), so the step never waits for the
+    host; otherwise one host sync decides. ``nonfinite="stop"`` always syncs and raises.
     """
     apply_lr_wd(optimizer, lr, wd)
     n = len(micro_batches)
     total = None
-    for images, masks_enc, masks_pred in micro_batches:
+    for i, (images, masks_enc, masks_pred) in enumerate(micro_batches):
         with autocast(device, precision):
-            loss = model(images, masks_enc, masks_pred)
+            if diagnostics is not None and i == 0:
+                loss, z, h = model.forward_parts(images, masks_enc, masks_pred)
+                diagnostics.update(step_stats(z.detach(), h))   # device tensors, no extra forward
+            else:
+                loss = model(images, masks_enc, masks_pred)
         (loss / n if n > 1 else loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
     total = total / n
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(g).all()) for g in grads)
-    skipped = False
-    if finite:
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_grad)
-        optimizer.step()
-    elif nonfinite == "stop":
+    params = [p for p in model.parameters() if p.grad is not None]
+    found_inf = (~torch.isfinite(total)).float()
+    torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found_inf,
+                                                     torch.ones((), device=total.device))
+    if nonfinite == "stop" and bool(found_inf):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"non-finite loss or gradient (loss={float(total)})")
-    else:
-        skipped = True   # the reference's GradScaler skips such a step; schedules and EMA go on
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad, foreach=True)
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf   # fused AdamW skips the update (and its step count) on device
+        optimizer.step()
+        del optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
+    # a skipped step is what the reference's GradScaler does; schedules and EMA go on
     optimizer.zero_grad(set_to_none=True)
     model.update_target(momentum)
-    return total, skipped
+    return total, found_inf
 
 
 class _StopFlag:
@@ -188,9 +202,14 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
     progress = _Progress(max_steps, cfg.train.progress and rank == 0)
     progress.start = step
     losses, skipped_total, stop_reason, last_loss = [], 0, "finished", float("nan")
+    diagnostics, collapse_warnings = [], []
     t_start = time.time()
 
+    prefetch = BatchPrefetcher(loader, sampler, device, depth=cfg.data.prefetch)
+
     def save(kind):
+        flush()
+        prefetch.stop()   # rewinds RNG/sampler to the first unserved batch: an exact resume point
         state = build_state(model, optimizer, cfg, epoch=epoch, step=step, batch_in_epoch=batch_in_epoch,
                             loss=last_loss, sampler=sampler, world_size=world_size,
                             extra={"skipped_steps": skipped_total, "bad_files": list(loader.bad_files)})
@@ -203,44 +222,68 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
         if kind == "epoch" and cfg.checkpoint.save_every_epochs and epoch % cfg.checkpoint.save_every_epochs == 0:
             save_atomic(state, p["epoch"].format(epoch=epoch))
 
+    window, t_window = [], [time.time()]
+
+    def flush():
+        """Write the buffered steps: the only host sync for logging, once per log_every steps."""
+        nonlocal skipped_total, last_loss
+        if not window:
+            return
+        vals = torch.stack([torch.stack([w[3], w[4]]) for w in window]).tolist()
+        dt = (time.time() - t_window[0]) / len(window)
+        for w, (lv, sk) in zip(window, vals):
+            ep, itr, st, _, _, ka, kb, nimg, dg = w
+            skipped_total += int(sk)
+            last_loss = lv
+            losses.append(lv)
+            dg = {k: float(v) for k, v in dg.items()} if dg else {}
+            if dg:
+                diagnostics.append({"step": st, **dg})
+                for msg in warnings_for(dg):
+                    collapse_warnings.append((st, msg))
+                    log.warning("step %d: %s", st + 1, msg)
+            writer.writerow([ep + 1, itr, f"{lv:.5f}", ka, kb, int(dt * 1000), f"{nimg / dt:.1f}",
+                             f"{sched.lr(st):.3e}", f"{sched.wd(st):.3e}", skipped_total]
+                            + [f"{dg[k]:.4g}" if k in dg else "" for k in DIAG_KEYS])
+            if tb is not None:
+                tb.add_scalar("train/loss", lv, st)
+                tb.add_scalar("train/lr", sched.lr(st), st)
+                tb.add_scalar("train/images_per_s", nimg / dt, st)
+                for k, v in dg.items():
+                    tb.add_scalar(f"collapse/{k}", v, st)
+        w = window[-1]
+        progress.update(w[2], w[0], last_loss, sched.lr(w[2]), w[7] / dt, skipped_total, force=True)
+        csv_file.flush()   # the log on disk is never more than log_every steps behind
+        window.clear()
+        t_window[0] = time.time()
+
     with _StopFlag() as stop:
         while step < max_steps and epoch < cfg.optimization.epochs:
-            batches = loader.epoch_batches(epoch, batch_in_epoch)
+            prefetch.start(epoch, batch_in_epoch, ipe * accum - batch_in_epoch)
             while batch_in_epoch + accum <= ipe * accum and step < max_steps:
-                t0 = time.time()
-                micro = []
-                for _ in range(accum):
-                    images, _labels = next(batches)
-                    masks_enc, masks_pred = sampler(len(images))
-                    micro.append((images, [m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
+                micro = [prefetch.get() for _ in range(accum)]
+                de = cfg.logging.diagnostics_every
+                diag = {} if de and (step % de == 0 or step + 1 == max_steps) else None
                 try:
                     loss, skipped = train_step(
                         model, optimizer, micro, lr=sched.lr(step), wd=sched.wd(step),
                         momentum=sched.momentum(step), precision=precision, device=device,
-                        clip_grad=cfg.optimization.clip_grad, nonfinite=cfg.train.nonfinite)
+                        clip_grad=cfg.optimization.clip_grad, nonfinite=cfg.train.nonfinite,
+                        diagnostics=diag)
                 except NonFiniteError:
                     save("final")   # the state before this step: nothing is lost
                     csv_file.close()
                     raise
-                last_loss = float(loss)
-                dt = time.time() - t0
-                ips = accum * len(micro[0][0]) / max(dt, 1e-9)
-                skipped_total += int(skipped)
-                losses.append(last_loss)
-                writer.writerow([epoch + 1, batch_in_epoch // accum, f"{last_loss:.5f}", micro[0][1][0].shape[1],
-                                 micro[0][2][0].shape[1], int(dt * 1000), f"{ips:.1f}", f"{sched.lr(step):.3e}",
-                                 f"{sched.wd(step):.3e}", skipped_total])
-                if tb is not None:
-                    tb.add_scalar("train/loss", last_loss, step)
-                    tb.add_scalar("train/lr", sched.lr(step), step)
-                    tb.add_scalar("train/images_per_s", ips, step)
+                window.append((epoch, batch_in_epoch // accum, step, loss, skipped,
+                               micro[0][1][0].shape[1], micro[0][2][0].shape[1], accum * len(micro[0][0]), diag))
                 step += 1
                 batch_in_epoch += accum
-                progress.update(step - 1, epoch, last_loss, sched.lr(step - 1), ips, skipped_total,
-                                force=(step % cfg.logging.log_every == 0))
+                if step % cfg.logging.log_every == 0 or step == max_steps:
+                    flush()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                     save("step")
                     csv_file.flush()
+                    prefetch.start(epoch, batch_in_epoch, ipe * accum - batch_in_epoch)
                 out_of_time = cfg.train.max_minutes and (time.time() - t_start) / 60 >= cfg.train.max_minutes
                 if stop.signal is not None or out_of_time:
                     stop_reason = (f"signal {signal.Signals(stop.signal).name}" if stop.signal is not None
@@ -248,6 +291,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                     break
             if stop_reason != "finished":
                 break
+            prefetch.stop()
             if batch_in_epoch + accum > ipe * accum:   # epoch complete
                 epoch += 1
                 batch_in_epoch = 0
@@ -264,7 +308,8 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                     len(loader.bad_files), loader.bad_files[0])
     return {"steps": step, "epoch": epoch, "losses": losses, "skipped": skipped_total,
             "stop_reason": stop_reason, "checkpoint": p["latest"], "csv": csv_path, "folder": folder,
-            "bad_files": list(loader.bad_files), "model": model}
+            "bad_files": list(loader.bad_files), "model": model, "diagnostics": diagnostics,
+            "collapse_warnings": collapse_warnings}
 
 
 def _tensorboard(cfg, folder):

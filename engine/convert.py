@@ -1,0 +1,594 @@
+"""Model interchange: engine checkpoint <-> reference ``.pth.tar`` <-> HuggingFace IJepa <-> timm ViT.
+
+Formats
+-------
+``reference``
+    What facebookresearch/ijepa writes (and the released ``IN1K-vit.h.14-300e.pth.tar``
+    files): a ``torch.save`` dict with ``encoder``, ``predictor``, ``target_encoder`` state
+    dicts (DDP ``module.`` prefix; files without it load too), ``opt``, ``scaler``, ``epoch``,
+    ``loss``, ``batch_size``, ``world_size``, ``lr``.
+``engine``
+    The same dict plus ``"engine": {"version", "config", "step", ...}``.
+``hf``
+    A directory with ``config.json`` and ``model.safetensors`` (or a sharded
+    ``model.safetensors.index.json``) holding ``transformers.IJepaModel`` weights under the
+    on-disk names transformers writes and the hub checkpoints use
+    (``encoder.layer.{i}.attention.attention.query`` ...). transformers >= 5 renames them to
+    ``layers.{i}.attention.q_proj`` ... when loading; both spellings are read here.
+``timm``
+    A ``.safetensors`` file (or a torch-saved flat state dict) with timm ``VisionTransformer``
+    keys of the ``vit_*_gap_*`` I-JEPA models: the reference's encoder names without prefix.
+    timm applies ``norm`` per token and then mean-pools (``fc_norm=False``); a file with
+    ``fc_norm.*`` (an older timm revision's renaming of the same weights) is read as ``norm``.
+
+HF and timm hold ONE encoder. Converting out of engine/reference picks it with ``encoder``
+(``context`` = the checkpoint's ``encoder`` entry, what HF's and timm's own converters take
+and so what the hub weights are; ``target`` = the EMA ``target_encoder`` the paper evaluates).
+Converting in from HF/timm gives an encoder-only engine checkpoint (``encoder`` and
+``target_encoder`` both set to those weights, no predictor or optimizer state,
+``engine.encoder_only = True``): good for ``ijepa eval``, not for resuming training.
+
+Every file is read with ``torch.load(weights_only=True)`` or safetensors: nothing in a
+file is ever executed. Tensors are copied, never recomputed, so round trips are bitwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Optional
+
+import torch
+
+from engine.config import VIT_SIZES, ConfigError, IJEPAConfig
+from engine.model import VisionTransformer, strip_module_prefix
+
+FORMATS = ("engine", "reference", "hf", "timm")
+REFERENCE_FIELDS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
+                    "batch_size", "world_size", "lr")
+LAYER_NORM_EPS = 1e-6   # every reference factory model; the engine's ViT hard-codes it too
+ENGINE_FORMAT = 1   # engine.checkpoint.FORMAT_VERSION, the layout of the "engine" entry
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+
+# width -> heads of the reference factory sizes: a reference file stores no head count and
+# the head split leaves no trace in the weights' shapes.
+_FACTORY_HEADS = {dim: heads for dim, _, heads, _ in VIT_SIZES.values()}
+
+
+def _usage_error(msg):
+    from engine.cli import UsageError
+    return UsageError(msg)
+
+
+# ----------------------------------------------------------------------------- architecture
+@dataclasses.dataclass
+class Arch:
+    """Everything needed to rebuild an encoder around a state dict."""
+    img_size: int
+    patch_size: int
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def mlp_ratio(self) -> float:
+        ratio = self.mlp_hidden / self.embed_dim
+        # the ViT computes int(dim * ratio); nudge up if float rounding would lose a unit
+        while int(self.embed_dim * ratio) < self.mlp_hidden:
+            ratio = math.nextafter(ratio, math.inf)
+        return ratio
+
+    def build_encoder(self) -> VisionTransformer:
+        return VisionTransformer(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                                 embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                                 mlp_ratio=self.mlp_ratio, qkv_bias=True, eps=LAYER_NORM_EPS)
+
+    def describe(self) -> str:
+        return (f"ViT width {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, "
+                f"{self.img_size} px, patch {self.patch_size}, {self.in_chans} channel(s)")
+
+    def timm_name(self) -> str:
+        size = next((n for n, (d, dep, _, _) in VIT_SIZES.items()
+                     if d == self.embed_dim and dep == self.depth), None)
+        base = size or f"vit_w{self.embed_dim}_d{self.depth}"
+        return f"{base}_patch{self.patch_size}_gap_{self.img_size}"
+
+
+def infer_arch(sd: dict, num_heads: Optional[int] = None, what: str = "checkpoint") -> Arch:
+    """Architecture from an encoder state dict in reference naming (no ``module.`` prefix).
+
+    Patch size, width and channels come from ``patch_embed.proj.weight``, the grid from
+    ``pos_embed``, depth from the block indices, the MLP width from ``fc1``. The head count
+    is not visible in any shape: ``num_heads`` if given, else the reference factory size
+    with this width, else an error asking for it.
+    """
+    need = ("patch_embed.proj.weight", "pos_embed", "norm.weight", "blocks.0.mlp.fc1.weight",
+            "blocks.0.attn.qkv.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise _usage_error(f"{what}: not an I-JEPA ViT encoder state dict (missing {', '.join(missing)})")
+    if "blocks.0.attn.qkv.bias" not in sd:
+        raise _usage_error(f"{what}: attention without qkv bias; the engine's ViT (like every reference "
+                           f"factory model) has qkv_bias=True")
+    dim, chans, p, p2 = sd["patch_embed.proj.weight"].shape
+    if p != p2:
+        raise _usage_error(f"{what}: non-square patches {p}x{p2} are not supported")
+    n = sd["pos_embed"].shape[-2]
+    grid = math.isqrt(n)
+    if grid * grid != n or sd["pos_embed"].shape[-1] != dim:
+        raise _usage_error(f"{what}: pos_embed {tuple(sd['pos_embed'].shape)} is not a square grid of "
+                           f"width {dim} (a cls token or non-square input is not an I-JEPA encoder)")
+    depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    heads = num_heads or _FACTORY_HEADS.get(dim)
+    if heads is None:
+        raise _usage_error(f"{what}: width {dim} is not a reference factory size, so the number of "
+                           f"attention heads is unknown; pass --num-heads")
+    if dim % heads:
+        raise _usage_error(f"{what}: width {dim} is not divisible by {heads} heads")
+    return Arch(img_size=grid * p, patch_size=p, in_chans=chans, embed_dim=dim, depth=depth,
+                num_heads=heads, mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0])
+
+
+# ----------------------------------------------------------------------------- safe loading
+def safe_torch_load(path: str):
+    """``torch.load`` with ``weights_only=True``; errors become one-line usage errors.
+
+    A file that pickles Python objects beyond tensors and containers is refused: such an
+    object's unpickling can run arbitrary code, so it is never loaded.
+    """
+    import pickle
+    if not os.path.exists(path):
+        raise _usage_error(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise _usage_error(f"{path}: is a directory, expected a checkpoint file")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:   # the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise _usage_error(
+                f"{path}: refused: it pickles the Python object {found.group(1)}, which torch.load("
+                f"weights_only=True) will not construct because loading it could execute code; "
+                f"re-save the checkpoint with tensors and plain containers only") from None
+        raise _usage_error(f"{path}: not a PyTorch checkpoint (unreadable by torch.load)") from None
+    except Exception as e:  # zip / header errors of arbitrary non-checkpoint files
+        raise _usage_error(f"{path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- the in-memory form
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint of any format, normalised: state dicts in reference naming, no prefix."""
+    fmt: str
+    arch: Arch
+    encoder: dict                       # the context encoder (or the only encoder of hf/timm)
+    target_encoder: Optional[dict] = None
+    predictor: Optional[dict] = None
+    fields: dict = dataclasses.field(default_factory=dict)   # opt, scaler, epoch, loss, ...
+    engine: Optional[dict] = None
+    extras: dict = dataclasses.field(default_factory=dict)  # other top-level keys of an engine file
+    path: str = ""
+
+    @property
+    def encoder_only(self) -> bool:
+        return self.predictor is None
+
+    def encoder_state(self, which: str) -> dict:
+        if which not in ("target", "context"):
+            raise _usage_error(f"--encoder {which!r}: choose target or context")
+        if which == "context" or self.target_encoder is None:
+            return self.encoder
+        return self.target_encoder
+
+
+def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = None) -> Checkpoint:
+    """Read any supported format (``fmt``: auto, engine, reference, hf, timm)."""
+    if fmt not in ("auto",) + FORMATS:
+        raise _usage_error(f"--from {fmt!r}: choose auto, {', '.join(FORMATS)}")
+    if not os.path.exists(path):
+        raise _usage_error(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        if fmt not in ("auto", "hf"):
+            raise _usage_error(f"{path}: a directory can only be a HuggingFace model (--from hf)")
+        return _read_hf(path, num_heads)
+    if _is_safetensors(path):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, "pt") as f:
+                keys = list(f.keys())
+                meta = f.metadata() or {}
+        except Exception as e:
+            raise _usage_error(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+        looks_hf = any(k.startswith(("embeddings.", "ijepa.embeddings.")) for k in keys)
+        detected = "hf" if looks_hf else "timm"
+        if fmt not in ("auto", detected):
+            raise _usage_error(f"{path}: holds {detected} weights, not {fmt}")
+        if detected == "hf":
+            return _read_hf(path, num_heads)
+        from safetensors.torch import load_file
+        return _timm_checkpoint(load_file(path), meta, num_heads, path)
+    obj = safe_torch_load(path)
+    detected = _detect_torch_object(obj, path)
+    if fmt == "reference" and detected == "engine":
+        detected = "reference"      # an engine file is a reference file plus the engine block
+    if fmt not in ("auto", detected):
+        raise _usage_error(f"{path}: holds {detected} weights, not {fmt}")
+    if detected == "timm":
+        return _timm_checkpoint(obj, {}, num_heads, path)
+    return _reference_checkpoint(obj, detected, num_heads, path)
+
+
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+
+
+def _detect_torch_object(obj, path) -> str:
+    if not isinstance(obj, dict):
+        raise _usage_error(f"{path}: not an I-JEPA checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    if isinstance(obj.get("encoder"), dict):
+        return "engine" if isinstance(obj.get("engine"), dict) else "reference"
+    keys = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k) for k in obj}
+    if "patch_embed.proj.weight" in keys and "pos_embed" in keys:
+        return "timm"       # a bare encoder state dict: timm's and the reference's names coincide
+    shown = ", ".join(sorted(map(str, obj))[:6])
+    raise _usage_error(f"{path}: not an I-JEPA checkpoint (top-level keys: {shown}); expected encoder/"
+                       f"predictor/target_encoder (reference or engine) or ViT encoder weights")
+
+
+def _reference_checkpoint(obj: dict, fmt: str, num_heads, path) -> Checkpoint:
+    enc = strip_module_prefix(obj["encoder"])
+    tgt = strip_module_prefix(obj["target_encoder"]) if isinstance(obj.get("target_encoder"), dict) else None
+    pred = strip_module_prefix(obj["predictor"]) if isinstance(obj.get("predictor"), dict) else None
+    engine = obj.get("engine") if fmt == "engine" else None
+    if num_heads is None and engine is not None:
+        num_heads = _heads_from_engine_config(engine)
+    arch = infer_arch(enc, num_heads, what=path)
+    fields = {k: obj[k] for k in REFERENCE_FIELDS[3:] if k in obj}
+    extras = {k: v for k, v in obj.items() if k not in REFERENCE_FIELDS and k != "engine"} if engine else {}
+    return Checkpoint(fmt=fmt, arch=arch, encoder=enc, target_encoder=tgt, predictor=pred,
+                      fields=fields, engine=engine, extras=extras, path=path)
+
+
+def _heads_from_engine_config(engine: dict) -> Optional[int]:
+    try:
+        return IJEPAConfig.from_dict(engine.get("config"), validate=False).arch["num_heads"]
+    except (ConfigError, TypeError, KeyError):
+        return None     # a config from another engine version: fall back to the factory sizes
+
+
+def _timm_checkpoint(sd: dict, meta: dict, num_heads, path) -> Checkpoint:
+    sd = strip_module_prefix(sd)
+    dropped = [k for k in sd if k.startswith("head.")]
+    if "cls_token" in sd or "reg_token" in sd:
+        raise _usage_error(f"{path}: has a cls/register token; I-JEPA encoders have none (a timm "
+                           f"vit_*_gap_* model is expected)")
+    sd = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v
+          for k, v in sd.items() if k not in dropped}
+    if num_heads is None and meta.get("num_heads"):
+        num_heads = int(meta["num_heads"])
+    arch = infer_arch(sd, num_heads, what=path)
+    return Checkpoint(fmt="timm", arch=arch, encoder=sd, path=path)
+
+
+# ----------------------------------------------------------------------------- HF naming
+# (reference block suffix, HF legacy on-disk suffix, transformers>=5 in-memory suffix)
+_HF_BLOCK = (
+    ("norm1", "layernorm_before", "layernorm_before"),
+    ("attn.proj", "attention.output.dense", "attention.o_proj"),
+    ("norm2", "layernorm_after", "layernorm_after"),
+    ("mlp.fc1", "intermediate.dense", "mlp.fc1"),
+    ("mlp.fc2", "output.dense", "mlp.fc2"),
+)
+_HF_QKV = (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))
+
+
+def to_hf_state_dict(sd: dict, depth: int) -> dict:
+    """Reference-named encoder -> ``IJepaModel`` on-disk names; qkv split into three D-row slices."""
+    out = {
+        "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
+        for ours, theirs, _ in _HF_BLOCK:
+            for t in ("weight", "bias"):
+                out[f"{dst}{theirs}.{t}"] = sd[f"{src}{ours}.{t}"]
+        for t in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.qkv.{t}"].chunk(3, dim=0)   # rows are [q; k; v]
+            for (name, _), part in zip(_HF_QKV, (q, k, v)):
+                out[f"{dst}attention.attention.{name}.{t}"] = part
+    return out
+
+
+def from_hf_state_dict(hf: dict, what: str = "HF model") -> dict:
+    """``IJepaModel`` weights (on-disk or transformers>=5 names, optional ``ijepa.`` prefix of the
+    classification wrapper) -> reference-named encoder state dict."""
+    hf = {k[len("ijepa."):] if k.startswith("ijepa.") else k: v for k, v in hf.items()
+          if not k.startswith("classifier.")}
+    try:
+        out = {
+            "pos_embed": hf["embeddings.position_embeddings"],
+            "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+            "norm.weight": hf["layernorm.weight"],
+            "norm.bias": hf["layernorm.bias"],
+        }
+    except KeyError as e:
+        raise _usage_error(f"{what}: not an IJepaModel state dict (missing {e.args[0]})") from None
+    if "embeddings.cls_token" in hf:
+        raise _usage_error(f"{what}: has a cls token; not an I-JEPA encoder")
+    legacy = any(k.startswith("encoder.layer.") for k in hf)
+    layer_ids = {int(m.group(1)) for k in hf for m in [re.match(r"(?:encoder\.layer|layers)\.(\d+)\.", k)] if m}
+    for i in sorted(layer_ids):
+        src, dst = (f"encoder.layer.{i}." if legacy else f"layers.{i}."), f"blocks.{i}."
+        try:
+            for ours, disk, mem in _HF_BLOCK:
+                for t in ("weight", "bias"):
+                    out[f"{dst}{ours}.{t}"] = hf[f"{src}{disk if legacy else mem}.{t}"]
+            for t in ("weight", "bias"):
+                parts = [hf[f"{src}attention.attention.{d}.{t}" if legacy else f"{src}attention.{m}.{t}"]
+                         for d, m in _HF_QKV]
+                out[f"{dst}attn.qkv.{t}"] = torch.cat(parts, dim=0)
+        except KeyError as e:
+            raise _usage_error(f"{what}: layer {i} incomplete (missing {e.args[0]})") from None
+    return out
+
+
+def _hf_config(arch: Arch, source_encoder: Optional[str]) -> dict:
+    return {
+        "architectures": ["IJepaModel"],
+        "model_type": "ijepa",
+        "hidden_size": arch.embed_dim,
+        "num_hidden_layers": arch.depth,
+        "num_attention_heads": arch.num_heads,
+        "intermediate_size": arch.mlp_hidden,
+        "hidden_act": "gelu",            # exact (erf) GELU, as nn.GELU() in the reference
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": LAYER_NORM_EPS,
+        "image_size": arch.img_size,
+        "patch_size": arch.patch_size,
+        "num_channels": arch.in_chans,
+        "qkv_bias": True,
+        # not read by transformers; records which I-JEPA encoder these weights are
+        "ijepa_engine_source_encoder": source_encoder,
+    }
+
+
+def _read_hf(path: str, num_heads) -> Checkpoint:
+    from safetensors.torch import load_file
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    cfg = {}
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError:
+                raise _usage_error(f"{cfg_path}: not valid JSON") from None
+    if cfg.get("model_type", "ijepa") != "ijepa":
+        raise _usage_error(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'ijepa'")
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise _usage_error(f"{cfg_path}: hidden_act {cfg['hidden_act']!r}; the I-JEPA ViT uses exact 'gelu'")
+    if not math.isclose(float(cfg.get("layer_norm_eps", LAYER_NORM_EPS)), LAYER_NORM_EPS):
+        raise _usage_error(f"{cfg_path}: layer_norm_eps {cfg['layer_norm_eps']}; the I-JEPA ViT uses 1e-6")
+    if cfg.get("qkv_bias", True) is not True:
+        raise _usage_error(f"{cfg_path}: qkv_bias false; the I-JEPA ViT has qkv biases")
+    if os.path.isdir(path):
+        single, index = os.path.join(path, HF_WEIGHTS), os.path.join(path, HF_INDEX)
+        if os.path.isfile(single):
+            tensors = load_file(single)
+        elif os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            tensors = {}
+            for s in shards:
+                tensors.update(load_file(os.path.join(path, s)))
+        else:
+            raise _usage_error(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (a HuggingFace model directory "
+                               f"saved with safetensors is expected)")
+    else:
+        tensors = load_file(path)
+    sd = from_hf_state_dict(tensors, what=path)
+    heads = num_heads or cfg.get("num_attention_heads")
+    arch = infer_arch(sd, heads, what=path)
+    return Checkpoint(fmt="hf", arch=arch, encoder=sd, path=path)
+
+
+# ----------------------------------------------------------------------------- writers
+def _atomic_torch_save(obj, path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        _default_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _default_mode(path: str):
+    # mkstemp and safetensors create owner-only files; a checkpoint is shared like any output
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _prefixed(sd: Optional[dict]) -> Optional[dict]:
+    return None if sd is None else {"module." + k: v for k, v in sd.items()}
+
+
+def _reference_dict(ck: Checkpoint) -> dict:
+    if ck.encoder_only:
+        raise _usage_error(f"{ck.path}: holds only an encoder ({ck.fmt}); a reference checkpoint needs the "
+                           f"predictor and optimizer state as well (convert --to hf/timm, or eval it directly)")
+    out = {"encoder": _prefixed(ck.encoder), "predictor": _prefixed(ck.predictor),
+           "target_encoder": _prefixed(ck.target_encoder if ck.target_encoder is not None else ck.encoder)}
+    out.update({k: ck.fields.get(k) for k in REFERENCE_FIELDS[3:]})
+    return out
+
+
+def engine_config_for(ck: Checkpoint) -> dict:
+    """An engine config describing a checkpoint that came without one (shapes + reference fields)."""
+    a = ck.arch
+    name = next((n for n, (d, dep, _, _) in VIT_SIZES.items() if d == a.embed_dim and dep == a.depth),
+                next((n for n, (d, *_) in VIT_SIZES.items() if d == a.embed_dim), "vit_base"))
+    d = {
+        "meta": {"model_name": name},
+        "model": {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio},
+        "data": {"crop_size": a.img_size, "in_chans": a.in_chans},
+        "mask": {"patch_size": a.patch_size},
+    }
+    if ck.predictor is not None:
+        depth = 1 + max(int(m.group(1)) for k in ck.predictor
+                        for m in [re.match(r"predictor_blocks\.(\d+)\.", k)] if m)
+        d["meta"].update(pred_depth=depth, pred_emb_dim=int(ck.predictor["predictor_embed.weight"].shape[0]))
+    if isinstance(ck.fields.get("batch_size"), int):
+        d["data"]["batch_size"] = ck.fields["batch_size"]
+    if isinstance(ck.fields.get("lr"), (int, float)):
+        d["optimization"] = {"lr": float(ck.fields["lr"])}
+    return IJEPAConfig.from_dict(d, validate=False).to_dict()
+
+
+def _engine_dict(ck: Checkpoint) -> dict:
+    from engine import __version__
+    if ck.encoder_only:
+        out = {"encoder": _prefixed(ck.encoder), "target_encoder": _prefixed(ck.encoder)}
+    else:
+        out = _reference_dict(ck)
+    if ck.engine is not None:
+        out.update(ck.extras)
+        out["engine"] = ck.engine
+        return out
+    config = engine_config_for(ck)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["train"]["seed"])
+        rng = torch.get_rng_state()
+    # A converted file starts a NEW engine run from these weights (and optimizer state): step,
+    # epoch and data position are 0, the RNG is the seeded state; the reference's own ``epoch``
+    # stays in the top-level field.
+    out["engine"] = {"format": ENGINE_FORMAT, "version": __version__, "config": config, "step": 0, "epoch": 0,
+                     "batch_in_epoch": 0, "sampler": None, "rng_cpu": rng, "rng_cuda": [],
+                     "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
+    return out
+
+
+def write_engine(ck: Checkpoint, path: str):
+    _atomic_torch_save(_engine_dict(ck), path)
+
+
+def write_reference(ck: Checkpoint, path: str):
+    _atomic_torch_save(_reference_dict(ck), path)
+
+
+def _contiguous(sd: dict) -> dict:
+    # safetensors stores each tensor on its own: slices (the qkv split) must own their memory
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def write_hf(ck: Checkpoint, path: str, which: str = "context"):
+    from safetensors.torch import save_file
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _usage_error(f"{path}: exists and is not a directory (--to hf writes a model directory)")
+    os.makedirs(path, exist_ok=True)
+    sd = to_hf_state_dict(ck.encoder_state(which), ck.arch.depth)
+    save_file(_contiguous(sd), os.path.join(path, HF_WEIGHTS), metadata={"format": "pt"})
+    _default_mode(os.path.join(path, HF_WEIGHTS))
+    source = which if ck.target_encoder is not None else None
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(_hf_config(ck.arch, source), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_timm(ck: Checkpoint, path: str, which: str = "context"):
+    from safetensors.torch import save_file
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    meta = {"format": "pt", "num_heads": str(ck.arch.num_heads), "img_size": str(ck.arch.img_size),
+            "timm_model": ck.arch.timm_name(),
+            "timm_kwargs": json.dumps(timm_kwargs(ck.arch), sort_keys=True)}
+    if ck.target_encoder is not None:
+        meta["source_encoder"] = which
+    save_file(_contiguous(ck.encoder_state(which)), path, metadata=meta)
+    _default_mode(path)
+
+
+def timm_kwargs(arch: Arch) -> dict:
+    """Arguments of ``timm.models.vision_transformer.VisionTransformer`` that compute exactly
+    the engine encoder (per-token final norm, then mean pooling, no cls token)."""
+    return dict(img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
+                embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
+                mlp_ratio=arch.mlp_ratio, qkv_bias=True, class_token=False, global_pool="avg",
+                fc_norm=False, pre_norm=False, no_embed_class=False, dynamic_img_size=False,
+                num_classes=0)
+
+
+def convert(input_path: str, output_path: str, to: str, src: str = "auto", which: str = "context",
+            num_heads: Optional[int] = None, force: bool = False) -> Checkpoint:
+    if to not in FORMATS:
+        raise _usage_error(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+    if which not in ("target", "context"):
+        raise _usage_error(f"--encoder {which!r}: choose target or context")
+    if os.path.exists(output_path) and not force:
+        raise _usage_error(f"{output_path}: exists; pass --force to overwrite")
+    ck = read_checkpoint(input_path, src, num_heads)
+    {"engine": write_engine, "reference": write_reference,
+     "hf": lambda c, p: write_hf(c, p, which), "timm": lambda c, p: write_timm(c, p, which)}[to](ck, output_path)
+    return ck
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_parser(sub):
+    p = sub.add_parser("convert", help="convert between engine, reference, HuggingFace and timm checkpoints",
+                       description="Convert an I-JEPA checkpoint. engine/reference: .pth.tar files; hf: a "
+                                   "directory (config.json + model.safetensors) for transformers.IJepaModel; "
+                                   "timm: a .safetensors file for a timm vit_*_gap_* VisionTransformer. "
+                                   "Tensors are copied bit for bit.")
+    p.add_argument("--input", required=True, help="checkpoint file or HF model directory")
+    p.add_argument("--output", required=True, help="file (engine, reference, timm) or directory (hf)")
+    p.add_argument("--to", required=True, help="engine | reference | hf | timm")
+    p.add_argument("--from", dest="src", default="auto", help="auto (default) | engine | reference | hf | timm")
+    p.add_argument("--encoder", default="context", choices=("target", "context"),
+                   help="which encoder goes to hf/timm (default context: the 'encoder' entry, as HF's and "
+                        "timm's own converters take it; target = the EMA encoder the paper evaluates)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for widths that are not reference factory sizes")
+    p.add_argument("--force", action="store_true", help="overwrite the output")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    if args.num_heads is not None and args.num_heads <= 0:
+        raise _usage_error(f"--num-heads {args.num_heads}: must be a positive integer")
+    ck = convert(args.input, args.output, args.to, args.src, args.encoder, args.num_heads, args.force)
+    what = "encoder only" if ck.encoder_only else "encoder, predictor, target encoder"
+    picked = f", {args.encoder} encoder" if args.to in ("hf", "timm") and not ck.encoder_only else ""
+    print(f"{args.input} ({ck.fmt}: {what}; {ck.arch.describe()}) -> {args.output} ({args.to}{picked})")
+    return 0

@@ -1,0 +1,643 @@
+"""Evaluation of a frozen encoder: linear probe, k-NN, collapse diagnostics.
+
+Protocol (the paper's and the project's calibration): the frozen encoder (target encoder by
+default) embeds every image; its patch tokens AFTER the final LayerNorm are averaged into one
+vector per image; features are extracted in fp32 without autocast (bf16 extraction cost 2-3
+points in calibration).
+
+* Linear probe: features standardised with the labelled set's mean/std (zero-variance dims
+  left at scale 1), multinomial logistic regression with an L2 penalty on the weights (not
+  the bias), the objective of scikit-learn's ``LogisticRegression(C=...)``:
+  ``C * sum_i CE_i + ||W||^2 / 2``, solved full-batch by L-BFGS (strong-Wolfe line search; stop
+  when the largest gradient entry of the per-sample-mean objective is below 1e-4, sklearn's
+  ``tol``, or after 1000 iterations) in float64 on one CPU thread. ``C`` is chosen from
+  ``PROBE_CS`` on a stratified 20 % held-out part of the labelled set, then refitted on all of
+  it; the test accuracy of every ``C`` is reported too.
+* k-NN: cosine similarity of L2-normalised features, k = 20, votes weighted by
+  ``exp(similarity / 0.07)`` (the DINO protocol); ``vote="majority"`` counts neighbours.
+
+Data
+* Fashion-MNIST (Debian ``dataset-fashion-mnist``): labelled training images are the first n of
+  ``numpy.random.default_rng(0).permutation(60000)`` (``--labels-per-class``: the first n of
+  each class in that order), so results compare with the documented raw-pixel baseline; the
+  test set is the official 10k split. The images are the training data path's full view
+  (``engine.data``: pretraining pads 28 -> 32 for crops up to 32 px and random-resized-crops
+  that): pixels -> [0, 1]; crop <= 32 px: zero-pad by 2 on every side to 32x32 (black, like the
+  background), then resize to the crop when it is smaller than 32; crop > 32 px: resize 28 ->
+  crop (bilinear, antialiased, as ``engine.data``); the channel is replicated when the encoder
+  takes 3; normalised with ImageNet mean/std (1 channel: 0.5 / 0.5, as ``engine.data``).
+* ``imagefolder:PATH``: ``PATH/train`` (labelled) and ``PATH/val`` (test), class subfolders;
+  resize the short side to ``round(crop * 256 / 224)`` (bilinear), center crop, ImageNet
+  mean/std.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.model import VisionTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = 0.5, 0.5   # one-channel normalisation of the training data path
+from engine.data import FMNIST_DIR  # noqa: E402
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                  "Bag", "Ankle boot")
+PROBE_CS = (0.01, 0.1, 1.0, 10.0)
+LABEL_SEED = 0
+
+
+def _usage_error(msg):
+    from engine.cli import UsageError
+    return UsageError(msg)
+
+
+# ----------------------------------------------------------------------------- encoders
+def resolve_device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _usage_error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def load_encoder(path: str, which: str = "target", device="cpu", num_heads: Optional[int] = None,
+                 fmt: str = "auto") -> VisionTransformer:
+    """A frozen encoder from any checkpoint ``ijepa convert`` reads (engine, reference, HF
+    directory, timm safetensors), in eval mode on ``device``: ``encoder(images)`` gives the
+    ``[B, N, D]`` patch features after the final norm.
+
+    ``which`` picks the EMA ``target`` encoder or the ``context`` encoder of engine/reference
+    files; HF/timm files hold one encoder, used for both. The encoder carries ``.arch``
+    (``engine.convert.Arch``) and ``.source`` (path, format, which encoder was loaded).
+    """
+    from engine.convert import read_checkpoint
+    if which not in ("target", "context"):
+        raise _usage_error(f"--encoder {which!r}: choose target or context")
+    dev = resolve_device(device)
+    ck = read_checkpoint(path, fmt, num_heads)
+    encoder = ck.arch.build_encoder()
+    try:
+        encoder.load_state_dict(ck.encoder_state(which), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise _usage_error(f"{path}: encoder weights do not fit a {ck.arch.describe()} "
+                           f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    encoder.arch = ck.arch
+    loaded = which if ck.target_encoder is not None else "only"
+    encoder.source = {"path": path, "format": ck.fmt, "encoder": loaded}
+    return _freeze(encoder).to(dev)
+
+
+def random_encoder_like(encoder: VisionTransformer, seed: int = 0) -> VisionTransformer:
+    """A randomly initialised encoder of the same shape (the reference's two-pass init: module
+    constructors, then trunc-normal(0.02) Linear / LayerNorm 1,0 again; fixed sin-cos
+    positions), seeded, without touching the global RNG."""
+    from engine.convert import infer_arch
+    from engine.model import _reinit
+    arch = getattr(encoder, "arch", None) or infer_arch(encoder.state_dict(), encoder.num_heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rand = arch.build_encoder()
+        _reinit(rand)
+    rand.arch = arch
+    rand.source = {"path": None, "format": "random", "encoder": f"random init, seed {seed}"}
+    return _freeze(rand).to(next(encoder.parameters()).device)
+
+
+def _freeze(encoder):
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+# ----------------------------------------------------------------------------- features
+def _batches(images_or_loader, batch_size):
+    if isinstance(images_or_loader, torch.Tensor):
+        yield from images_or_loader.split(batch_size)
+        return
+    for item in images_or_loader:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def extract_features(encoder: torch.nn.Module, images_or_loader: Union[torch.Tensor, Iterable],
+                     batch_size: int = 256, pool: Optional[str] = "mean") -> torch.Tensor:
+    """Frozen-encoder features in fp32 on the CPU.
+
+    ``images_or_loader``: a ``[N, C, H, W]`` tensor (split into ``batch_size`` chunks) or an
+    iterable of image batches or of ``(images, labels)`` pairs (a DataLoader). ``pool="mean"``
+    gives ``[N, D]`` (mean of the patch tokens after the final norm), ``None`` the tokens
+    ``[N, T, D]``. Autocast is disabled explicitly: features stay fp32 even when the caller
+    runs under autocast.
+    """
+    if pool not in ("mean", None):
+        raise ValueError(f"pool {pool!r}: use 'mean' or None")
+    param = next(encoder.parameters())
+    if param.dtype != torch.float32:
+        raise ValueError(f"extract_features needs an fp32 encoder (got {param.dtype}); call encoder.float()")
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        with torch.inference_mode(), torch.autocast(param.device.type, enabled=False):
+            for x in _batches(images_or_loader, batch_size):
+                h = encoder(x.to(param.device, torch.float32, non_blocking=True)).float()
+                out.append((h.mean(dim=1) if pool == "mean" else h).cpu())
+    finally:
+        encoder.train(was_training)
+    if not out:
+        raise ValueError("extract_features: no images")
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- linear probe
+def _as_float(x, dtype=torch.float64) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = np.array(x, copy=True)   # own, writable memory (np.frombuffer arrays are read-only)
+    with torch.inference_mode(False):   # inference tensors cannot be saved for backward
+        return torch.as_tensor(x).detach().to(dtype).clone()
+
+
+def _as_labels(y) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().clone()
+
+
+class _single_cpu_thread:
+    """L-BFGS on a small problem is thousands of tiny ops (its two-loop recursion alone is ~40
+    dot products per iteration); on a shared CPU, thread-pool barriers made those 10-100x slower
+    and the result run-to-run nondeterministic. One thread is faster and reproducible."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def _standardiser(x: torch.Tensor):
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False)
+    # as sklearn's StandardScaler: a constant feature keeps scale 1 (it becomes 0, not NaN)
+    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    return lambda z: (z - mean) / std
+
+
+def _fit_logreg(x, y, n_classes, C, max_iter=1000, tol=1e-4, init=None):
+    """Minimise mean CE + ||W||^2 / (2 C n): sklearn's ``C * sum CE + ||W||^2 / 2`` divided by n."""
+    n, d = x.shape
+    with torch.enable_grad():
+        W = (init[0].clone() if init else torch.zeros(d, n_classes, dtype=x.dtype, device=x.device)).requires_grad_()
+        b = (init[1].clone() if init else torch.zeros(n_classes, dtype=x.dtype, device=x.device)).requires_grad_()
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25),
+                                tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
+                                line_search_fn="strong_wolfe")
+        reg = 1.0 / (C * n)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ W + b, y) + 0.5 * reg * (W * W).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return W.detach(), b.detach(), n_iter
+
+
+def _accuracy(W, b, x, y) -> float:
+    return float(((x @ W + b).argmax(1) == y).double().mean()) * 100.0
+
+
+def _stratified_holdout(y: torch.Tensor, fraction: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c in torch.unique(y):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if len(idx) >= 2:   # keep at least one example of every class on the fitting side
+            val.append(idx[:min(max(1, round(len(idx) * fraction)), len(idx) - 1)])
+    if not val:
+        return None, None
+    val = torch.cat(val)
+    fit = torch.ones(len(y), dtype=torch.bool)
+    fit[val] = False
+    return fit.nonzero().flatten(), val
+
+
+def linear_probe(train_feats, train_labels, test_feats, test_labels, Cs: Sequence[float] = PROBE_CS,
+                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000, tol: float = 1e-4,
+                 dtype=torch.float64) -> dict:
+    """Logistic-regression probe (see the module doc). Returns a dict with ``top1`` (test accuracy
+    in %, with ``C`` chosen on the held-out split), ``C``, ``val_top1`` and ``test_top1`` per C
+    (the latter an oracle view for comparison with grids reported elsewhere), sizes and
+    whether L-BFGS converged within ``max_iter`` iterations for every fit."""
+    with _single_cpu_thread():
+        return _linear_probe(_as_float(train_feats, dtype), train_labels, _as_float(test_feats, dtype),
+                             test_labels, Cs, val_fraction, seed, max_iter, tol)
+
+
+def _linear_probe(x_tr, train_labels, x_te, test_labels, Cs, val_fraction, seed, max_iter, tol):
+    y_tr, y_te = _as_labels(train_labels), _as_labels(test_labels)
+    if x_tr.ndim != 2 or x_tr.shape[0] != y_tr.shape[0] or x_te.shape[0] != y_te.shape[0]:
+        raise ValueError("linear_probe: features must be [N, D] with one label per row")
+    n_classes = int(max(y_tr.max(), y_te.max())) + 1
+    Cs = sorted(float(c) for c in Cs)
+    iters = []
+
+    fit_idx, val_idx = _stratified_holdout(y_tr, val_fraction, seed)
+    val_top1 = {}
+    if val_idx is not None:
+        scale = _standardiser(x_tr[fit_idx])
+        xf, xv = scale(x_tr[fit_idx]), scale(x_tr[val_idx])
+        prev = None
+        for C in Cs:   # ascending C, warm-started: the optimum is unique, only the path shortens
+            W, b, it = _fit_logreg(xf, y_tr[fit_idx], n_classes, C, max_iter, tol, init=prev)
+            prev = (W, b)
+            iters.append(it)
+            val_top1[C] = _accuracy(W, b, xv, y_tr[val_idx])
+        chosen = max(Cs, key=lambda c: (val_top1[c], -c))   # ties -> stronger regularisation
+    else:
+        chosen = Cs[len(Cs) // 2]
+
+    scale = _standardiser(x_tr)
+    xs_tr, xs_te = scale(x_tr), scale(x_te)
+    test_top1, prev = {}, None
+    for C in Cs:
+        W, b, it = _fit_logreg(xs_tr, y_tr, n_classes, C, max_iter, tol, init=prev)
+        prev = (W, b)
+        iters.append(it)
+        test_top1[C] = _accuracy(W, b, xs_te, y_te)
+    return {
+        "top1": test_top1[chosen],
+        "C": chosen,
+        "C_selection": (f"best of {len(Cs)} on a stratified {val_fraction:.0%} held-out split of the labelled set"
+                        if val_idx is not None else "default (too few labels per class to hold out)"),
+        "val_top1": val_top1,
+        "test_top1": test_top1,
+        "n_train": len(y_tr), "n_test": len(y_te), "n_classes": n_classes, "dim": x_tr.shape[1],
+        "converged": all(it < max_iter for it in iters), "max_iter": max_iter,
+    }
+
+
+# ----------------------------------------------------------------------------- k-NN
+def knn(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
+        vote: str = "weighted", batch_size: int = 1024) -> dict:
+    """k-nearest-neighbour classification by cosine similarity (see the module doc)."""
+    if vote not in ("weighted", "majority"):
+        raise ValueError(f"vote {vote!r}: use 'weighted' or 'majority'")
+    with torch.inference_mode():
+        tr = F.normalize(torch.as_tensor(train_feats).float(), dim=1)
+        te = F.normalize(torch.as_tensor(test_feats).float(), dim=1)
+        y_tr, y_te = _as_labels(train_labels), _as_labels(test_labels)
+        n_classes = int(max(y_tr.max(), y_te.max())) + 1
+        k = min(k, len(tr))
+        correct = 0
+        for start in range(0, len(te), batch_size):
+            sim = te[start:start + batch_size] @ tr.T
+            top, idx = sim.topk(k, dim=1)
+            weights = (top / temperature).exp() if vote == "weighted" else torch.ones_like(top)
+            scores = torch.zeros(len(sim), n_classes).scatter_add_(1, y_tr[idx], weights)
+            correct += int((scores.argmax(1) == y_te[start:start + batch_size]).sum())
+    return {"top1": 100.0 * correct / len(te), "k": k, "metric": "cosine", "vote": vote,
+            "temperature": temperature if vote == "weighted" else None, "n_train": len(tr), "n_test": len(te)}
+
+
+# ----------------------------------------------------------------------------- raw pixels
+def raw_pixel_probe(train_images, train_labels, test_images, test_labels, **probe_kwargs) -> dict:
+    """The raw-pixel baseline with the same probe: images flattened (uint8 or float, any shape
+    ``[N, ...]``), then ``linear_probe``."""
+    flat = lambda a: _as_float(a).reshape(len(a), -1)
+    return linear_probe(flat(train_images), train_labels, flat(test_images), test_labels, **probe_kwargs)
+
+
+# ----------------------------------------------------------------------------- collapse
+def collapse_stats(features, dead_fraction_of_rms: float = 1e-2) -> dict:
+    """Diagnostics of representation collapse for features ``[N, D]`` (N >= 2).
+
+    * ``std_mean``: per-dimension std across samples, averaged over dims; ``std_relative`` the
+      same divided by the features' RMS (scale-free: collapse -> 0).
+    * ``std_normalized``: the same on L2-normalised rows (SimSiam's collapse monitor): about
+      ``1/sqrt(D)`` (``std_normalized_healthy``) for isotropic zero-mean features, lower when a
+      shared mean direction dominates, 0 when collapsed.
+    * ``effective_rank``: exp of the entropy of the normalised singular values of the CENTRED
+      features (1 .. min(N, D); 0 when every row is the same).
+    * ``dead_fraction``: fraction of dims whose std is below ``dead_fraction_of_rms`` x RMS.
+    * ``collapsed``: std_relative below that threshold or effective rank below 2.
+    """
+    with torch.inference_mode():
+        x = torch.as_tensor(features).detach().to("cpu", torch.float64)
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"collapse_stats: need features [N>=2, D], got {tuple(x.shape)}")
+        n, d = x.shape
+        rms = float(x.pow(2).mean().sqrt())
+        std = x.std(0, unbiased=False)
+        centred = x - x.mean(0)
+        sv = torch.linalg.svdvals(centred)
+        if float(sv.max()) <= 1e-9 * max(float(x.norm()), 1e-300):
+            erank = 0.0   # only rounding noise left after centring: all rows equal
+        else:
+            p = sv / sv.sum()
+            p = p[p > 0]
+            erank = float(torch.exp(-(p * p.log()).sum()))
+        std_norm = F.normalize(x, dim=1).std(0, unbiased=False)
+        threshold = dead_fraction_of_rms * rms
+        std_relative = float(std.mean()) / rms if rms > 0 else 0.0
+        reasons = []
+        if std_relative < dead_fraction_of_rms:
+            reasons.append(f"per-dim std is {std_relative:.2g} of the feature RMS")
+        if erank < 2:
+            reasons.append(f"effective rank {erank:.2f}")
+    return {
+        "n": n, "dim": d, "rms": rms,
+        "std_mean": float(std.mean()), "std_relative": std_relative,
+        "std_normalized": float(std_norm.mean()), "std_normalized_healthy": 1.0 / math.sqrt(d),
+        "effective_rank": erank, "effective_rank_fraction": erank / min(n, d),
+        "dead_fraction": float((std < threshold).double().mean()) if rms > 0 else 1.0,
+        "collapsed": bool(reasons), "reason": "; ".join(reasons),
+    }
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+def load_fmnist(split: str = "train", root: str = FMNIST_DIR):
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` of the official split (engine.data's reader;
+    a missing or malformed file is a usage error here)."""
+    from engine.data import DataError, load_fmnist as _load
+    try:
+        return _load(split, root)
+    except DataError as e:
+        raise _usage_error(str(e)) from None
+
+
+def labelled_subset(labels: np.ndarray, n: Optional[int] = None, per_class: Optional[int] = None,
+                    seed: int = LABEL_SEED) -> np.ndarray:
+    """Indices of the labelled training images: the first ``n`` of
+    ``default_rng(seed).permutation(len(labels))``, or the first ``per_class`` of every class in
+    that order (returned in permutation order)."""
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    if (n is None) == (per_class is None):
+        raise ValueError("labelled_subset: give exactly one of n, per_class")
+    if n is not None:
+        if not 0 < n <= len(labels):
+            raise _usage_error(f"--labels {n}: must be between 1 and {len(labels)}")
+        return perm[:n]
+    counts = np.bincount(labels)
+    if per_class <= 0 or per_class > counts.min():
+        raise _usage_error(f"--labels-per-class {per_class}: must be between 1 and {counts.min()} "
+                           f"(the smallest class)")
+    seen = np.zeros(len(counts), dtype=np.int64)
+    keep = []
+    for i in perm:
+        if seen[labels[i]] < per_class:
+            seen[labels[i]] += 1
+            keep.append(i)
+    return np.asarray(keep)
+
+
+def fmnist_to_tensor(images: np.ndarray, crop_size: int, in_chans: int = 3) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> normalised float ``[N, in_chans, crop, crop]`` (the rule in the
+    module doc: pad 2 px to 32 for crops up to 32, then resize to the crop if smaller; resize
+    28 -> crop above 32)."""
+    from engine.data import fmnist_to_float
+    x = fmnist_to_float(images, crop_size, 1)
+    if in_chans == 3:
+        x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    elif in_chans == 1:
+        mean, std = GREY_MEAN, GREY_STD
+    else:
+        raise _usage_error(f"Fashion-MNIST gives 1 or 3 channels; the encoder takes {in_chans}")
+    return (x - mean) / std
+
+
+def fmnist_batches(images: np.ndarray, crop_size: int, in_chans: int, batch_size: int):
+    """Normalised batches, converted on the fly (60k images at 224 px would not fit in memory)."""
+    for start in range(0, len(images), batch_size):
+        yield fmnist_to_tensor(images[start:start + batch_size], crop_size, in_chans)
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+def imagefolder_transform(crop_size: int, in_chans: int = 3):
+    from torchvision import transforms
+    steps = [transforms.Resize(int(round(crop_size * 256 / 224))), transforms.CenterCrop(crop_size)]
+    if in_chans == 1:
+        steps.append(transforms.Grayscale(1))
+        mean, std = (GREY_MEAN,), (GREY_STD,)
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def _imagefolder(root: str, split: str, crop_size: int, in_chans: int):
+    from torchvision.datasets import ImageFolder
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise _usage_error(f"imagefolder:{root}: no {split}/ subfolder (expected {root}/train and {root}/val "
+                           f"with one folder per class)")
+    try:
+        return ImageFolder(folder, transform=imagefolder_transform(crop_size, in_chans))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise _usage_error(f"{folder}: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- evaluation driver
+class EvalData:
+    """Labelled training images and test images as re-iterable batch sources plus labels."""
+
+    def __init__(self, name, train, train_labels, test, test_labels, description):
+        self.name, self.train, self.train_labels = name, train, train_labels
+        self.test, self.test_labels, self.description = test, test_labels, description
+
+
+def load_eval_data(spec: str, crop_size: int, in_chans: int, labels: Optional[int] = None,
+                   labels_per_class: Optional[int] = None, test_limit: Optional[int] = None,
+                   batch_size: int = 256, workers: int = 2) -> EvalData:
+    """``spec``: ``fmnist`` (or ``fmnist:DIR``) or ``imagefolder:PATH``. Default labelled set:
+    1,000 images for Fashion-MNIST (the raw-pixel table's first row), all of ``train/`` for an
+    image folder."""
+    if spec == "fmnist" or spec.startswith("fmnist:"):
+        root = spec.split(":", 1)[1] if ":" in spec else FMNIST_DIR
+        tr_img, tr_lbl = load_fmnist("train", root)
+        te_img, te_lbl = load_fmnist("test", root)
+        if labels is None and labels_per_class is None:
+            labels = 1000
+        idx = labelled_subset(tr_lbl, labels, labels_per_class)
+        if test_limit:
+            te_img, te_lbl = te_img[:test_limit], te_lbl[:test_limit]
+        tr_img = tr_img[idx]
+        rule = (f"first {labels} of numpy.random.default_rng(0).permutation(60000)" if labels else
+                f"first {labels_per_class} per class in numpy.random.default_rng(0).permutation(60000)")
+        prep = ("28->32 zero pad" if crop_size == 32 else f"28->32 zero pad, resize to {crop_size}"
+                if crop_size < 32 else f"28->{crop_size} bilinear resize") + \
+            f", {in_chans} channel(s), " + ("ImageNet mean/std" if in_chans == 3 else "mean/std 0.5")
+
+        class _Source:   # re-iterable: the baseline encoder walks the same images again
+            def __init__(self, imgs):
+                self.imgs = imgs
+
+            def __iter__(self):
+                return fmnist_batches(self.imgs, crop_size, in_chans, batch_size)
+        return EvalData("fmnist", _Source(tr_img), tr_lbl[idx], _Source(te_img), te_lbl,
+                        {"labelled": rule, "test": "official t10k split" + (f", first {test_limit}" if test_limit
+                                                                             else ""),
+                         "preprocess": prep, "n_train": len(idx), "n_test": len(te_lbl)})
+    if spec.startswith("imagefolder:"):
+        from torch.utils.data import DataLoader, Subset
+        root = spec.split(":", 1)[1]
+        train_ds = _imagefolder(root, "train", crop_size, in_chans)
+        test_ds = _imagefolder(root, "val", crop_size, in_chans)
+        targets = np.asarray(train_ds.targets, dtype=np.int64)
+        if labels is None and labels_per_class is None:
+            idx, rule = np.arange(len(targets)), "all of train/"
+        else:
+            idx = labelled_subset(targets, labels, labels_per_class)
+            rule = (f"first {labels} of numpy.random.default_rng(0).permutation({len(targets)})" if labels else
+                    f"first {labels_per_class} per class in numpy.random.default_rng(0).permutation")
+        test_idx = np.arange(min(len(test_ds), test_limit) if test_limit else len(test_ds))
+        test_targets = np.asarray(test_ds.targets, dtype=np.int64)[test_idx]
+        if train_ds.classes != test_ds.classes:
+            raise _usage_error(f"imagefolder:{root}: train/ and val/ have different class folders")
+
+        def loader(ds, ids):
+            return DataLoader(Subset(ds, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers)
+        return EvalData("imagefolder", loader(train_ds, idx), targets[idx], loader(test_ds, test_idx), test_targets,
+                        {"root": root, "labelled": rule, "test": "val/", "n_train": len(idx),
+                         "n_test": len(test_idx),
+                         "preprocess": f"resize {int(round(crop_size * 256 / 224))}, center crop {crop_size}, "
+                                       f"ImageNet mean/std"})
+    raise _usage_error(f"--data {spec!r}: use fmnist, fmnist:DIR or imagefolder:PATH")
+
+
+def evaluate_encoder(encoder, data: EvalData, protocol: str = "both", batch_size: int = 256,
+                     knn_k: int = 20) -> dict:
+    """Features of ``data`` through ``encoder`` -> linear probe and/or k-NN + collapse stats."""
+    t0 = time.perf_counter()
+    f_tr = extract_features(encoder, data.train, batch_size)
+    f_te = extract_features(encoder, data.test, batch_size)
+    out = {"extract_seconds": round(time.perf_counter() - t0, 2)}
+    if protocol in ("linear", "both"):
+        out["linear"] = linear_probe(f_tr, data.train_labels, f_te, data.test_labels)
+    if protocol in ("knn", "both"):
+        out["knn"] = knn(f_tr, data.train_labels, f_te, data.test_labels, k=knn_k)
+    out["collapse"] = collapse_stats(f_te)
+    return out
+
+
+def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labels: Optional[int] = None,
+             labels_per_class: Optional[int] = None, encoder: str = "target", baseline: Optional[str] = None,
+             device="cpu", batch_size: int = 256, test_limit: Optional[int] = None,
+             num_heads: Optional[int] = None, knn_k: int = 20, seed: int = 0, workers: int = 2,
+             log=print) -> dict:
+    """What ``ijepa eval`` does, as a function; returns the JSON-able result dict."""
+    if protocol not in ("linear", "knn", "both"):
+        raise _usage_error(f"--protocol {protocol!r}: choose linear, knn or both")
+    if baseline not in (None, "random"):
+        raise _usage_error(f"--baseline {baseline!r}: only 'random' is available")
+    t0 = time.perf_counter()
+    enc = load_encoder(checkpoint, encoder, device, num_heads)
+    ds = load_eval_data(data, enc.arch.img_size, enc.arch.in_chans, labels, labels_per_class, test_limit,
+                        batch_size, workers)
+    log(f"encoder: {enc.source['encoder']} of {checkpoint} ({enc.source['format']}; {enc.arch.describe()})")
+    log(f"data: {ds.name}, {ds.description['n_train']} labelled ({ds.description['labelled']}), "
+        f"{ds.description['n_test']} test; {ds.description['preprocess']}")
+    result = {
+        "checkpoint": checkpoint, "format": enc.source["format"], "encoder": enc.source["encoder"],
+        "arch": {k: getattr(enc.arch, k) for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
+                                                   "num_heads", "mlp_hidden")},
+        "data": dict(ds.description, name=data),
+        "features": "mean of patch tokens after the final LayerNorm, fp32, no autocast",
+        "device": str(next(enc.parameters()).device),
+    }
+    result.update(evaluate_encoder(enc, ds, protocol, batch_size, knn_k))
+    _log_results(log, "", result)
+    if baseline == "random":
+        rand = random_encoder_like(enc, seed)
+        base = {"seed": seed, "init": "reference init (trunc-normal 0.02, LayerNorm 1/0, sin-cos positions)"}
+        base.update(evaluate_encoder(rand, ds, protocol, batch_size, knn_k))
+        result["baseline_random"] = base
+        _log_results(log, f"random-init encoder (seed {seed}) ", base)
+        for key in ("linear", "knn"):
+            if key in result:
+                gain = result[key]["top1"] - base[key]["top1"]
+                result.setdefault("gain_over_random", {})[key] = gain
+        log("gain over random init: " + ", ".join(f"{k} {v:+.2f} points"
+                                                  for k, v in result["gain_over_random"].items()))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def _log_results(log, prefix, r):
+    if "linear" in r:
+        lp = r["linear"]
+        grid = ", ".join(f"{c:g}: {a:.1f}" for c, a in lp["test_top1"].items())
+        log(f"{prefix}linear probe top-1: {lp['top1']:.2f} %  (C={lp['C']:g} chosen on held-out labels; "
+            f"test top-1 per C: {grid}){'' if lp['converged'] else '  [L-BFGS hit max_iter]'}")
+    if "knn" in r:
+        k = r["knn"]
+        log(f"{prefix}k-NN top-1: {k['top1']:.2f} %  (k={k['k']}, cosine, "
+            f"{'exp(sim/%g)-weighted' % k['temperature'] if k['vote'] == 'weighted' else 'majority'} vote)")
+    c = r["collapse"]
+    log(f"{prefix}features: effective rank {c['effective_rank']:.1f} of {c['dim']}, per-dim std "
+        f"{c['std_mean']:.3g} ({c['std_relative']:.2g} of RMS), {c['dead_fraction']:.0%} near-constant dims"
+        + (f"  COLLAPSED: {c['reason']}" if c["collapsed"] else ""))
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_parser(sub):
+    p = sub.add_parser("eval", help="linear-probe / k-NN evaluation of a checkpoint's frozen encoder",
+                       description="Frozen-encoder evaluation: mean-pooled patch features (fp32) -> "
+                                   "logistic-regression probe and/or cosine k-NN. Fashion-MNIST labelled "
+                                   "images: the first N of numpy.random.default_rng(0).permutation(60000); "
+                                   "test: the official 10k split.")
+    p.add_argument("--checkpoint", required=True,
+                   help="engine or reference .pth.tar, HF model directory or timm .safetensors")
+    p.add_argument("--data", default="fmnist", help="fmnist (default), fmnist:DIR or imagefolder:PATH "
+                                                    "(PATH/train and PATH/val)")
+    p.add_argument("--protocol", default="both", choices=("linear", "knn", "both"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels", type=int, default=None,
+                   help="labelled training images (default: 1000 for fmnist, all for imagefolder)")
+    g.add_argument("--labels-per-class", type=int, default=None)
+    p.add_argument("--encoder", default="target", choices=("target", "context"),
+                   help="target (EMA, default, as in the paper) or context encoder")
+    p.add_argument("--baseline", default=None, choices=("random",),
+                   help="also evaluate a randomly initialised encoder of the same shape")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch size")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="evaluate on the first N test images only (quick checks; not comparable)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads, for widths that are not reference factory sizes")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline encoder")
+    p.add_argument("--workers", type=int, default=2, help="image-folder decoding workers")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    for name in ("labels", "labels_per_class", "batch_size", "test_limit", "num_heads", "knn_k"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise _usage_error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise _usage_error(f"--device {args.device!r}: use cpu or cuda")
+    result = evaluate(args.checkpoint, args.data, args.protocol, args.labels, args.labels_per_class,
+                      args.encoder, args.baseline, args.device, args.batch_size, args.test_limit,
+                      args.num_heads, args.knn_k, args.seed, args.workers)
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+            f.write("\n")
+        print(f"results written to {args.json}")
+    return 0
