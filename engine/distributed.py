@@ -41,7 +41,6 @@ the reference ``.pth.tar`` layout or the engine's single-file format.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import datetime
@@ -220,8 +219,14 @@ def init_distributed(cfg: IJEPAConfig) -> DistState:
         os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size),
                            "LOCAL_RANK": str(env.local_rank), "MASTER_ADDR": env.master_addr,
                            "MASTER_PORT": str(env.master_port)})
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout))
+        td = datetime.timedelta(seconds=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=td)
+        # ZeRO's collectives run on DeepSpeed's clone of the world group, which it creates with
+        # new_group() and torch's 30-minute default, not the timeout above: create the clone
+        # first, with the timeout (measured: without this a hung peer blocks the others for 30 min)
+        from deepspeed.utils import groups as ds_groups
+        if getattr(ds_groups, "_WORLD_GROUP", "absent") is None:
+            ds_groups._WORLD_GROUP = dist.new_group(ranks=list(range(env.world_size)), timeout=td)
     else:
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         env = LaunchEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.master_addr,
@@ -767,8 +772,9 @@ class ZeroTrainer:
         fp32_target = model.target_encoder
         model.target_encoder = None                    # the engine must never see it
         init_fp32 = {n: p.detach().clone() for n, p in _named(model.encoder, "encoder.") + _named(model.predictor, "predictor.")}
-        frozen_fp32 = {n[len("encoder."):]: v for n, v in init_fp32.items()
-                       if n.startswith("encoder.") and not dict(model.encoder.named_parameters())[n[len("encoder."):]].requires_grad}
+        # frozen encoder params (the fixed position table) are not in the optimizer: they are their
+        # own fp32 EMA source, as in the reference
+        frozen_fp32 = {n: p.detach().clone() for n, p in model.encoder.named_parameters() if not p.requires_grad}
         self.param_names = self._group_names(model)
         optimizer = _build_optimizer(model, dstate.device)
         student = Student(model.encoder, model.predictor)
@@ -994,6 +1000,7 @@ def train_deepspeed(cfg: IJEPAConfig, zero_stage=None, resume: bool = False, *, 
     """
     cfg.validate()
     stage = resolve_zero_stage(cfg, zero_stage)
+    build_ds_config(cfg, stage, detect_launch_env().world_size)   # config errors before any rank connects
     dstate = init_distributed(cfg)
     if hard_exit is None:
         hard_exit = dstate.world_size > 1
@@ -1131,9 +1138,10 @@ def _train_loop(cfg, stage, resume, dstate):
                 dt = time.time() - t0
                 ips = accum * len(micro[0][0]) * world / max(dt, 1e-9)
                 losses.append(loss)
-                writer.writerow([epoch + 1, batch_in_epoch // accum, f"{loss:.5f}", micro[0][1][0].shape[1],
-                                 micro[0][2][0].shape[1], int(dt * 1000), f"{ips:.1f}", f"{sched.lr(step):.3e}",
-                                 f"{sched.wd(step):.3e}", skipped_total])
+                row = [epoch + 1, batch_in_epoch // accum, f"{loss:.5f}", micro[0][1][0].shape[1],
+                       micro[0][2][0].shape[1], int(dt * 1000), f"{ips:.1f}", f"{sched.lr(step):.3e}",
+                       f"{sched.wd(step):.3e}", skipped_total]
+                writer.writerow(row + [""] * (len(CSV_COLUMNS) - len(row)))   # no collapse stats here
                 if tb is not None:
                     tb.add_scalar("train/loss", loss, step)
                     tb.add_scalar("train/lr", sched.lr(step), step)
@@ -1196,6 +1204,20 @@ def _split_flat(flat: torch.Tensor, shapes: list, paddings=None) -> list:
     return out
 
 
+def _step_of(state: dict, hparams: list):
+    """Adam's step count: per parameter in torch's AdamW, per group in DeepSpeed's FusedAdam."""
+    if "step" in state:
+        return state["step"]
+    steps = [g["step"] for g in hparams if "step" in g]
+    if not steps:
+        raise ConfigError("optimizer state has no step count; cannot rebuild the AdamW state")
+    return steps[0]
+
+
+# the hyper-parameters taken from the checkpoint's groups; the rest are torch AdamW's own
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "WD_exclude")
+
+
 def _consolidate_student(tagdir: str, stage: int, precision: str, world: int, group_names: list, frozen: set):
     """Per trainable parameter: fp32 weight, exp_avg, exp_avg_sq; plus the AdamW step count and
     the hyper-parameters of the 4 groups, read from DeepSpeed's files of one tag."""
@@ -1221,11 +1243,11 @@ def _consolidate_student(tagdir: str, stage: int, precision: str, world: int, gr
                     weights.update(zip(names, _split_flat(flat.float(), [shapes[n] for n in names])))
             else:
                 raise ConfigError(f"{tagdir}: unknown ZeRO-0 bf16 optimizer state layout")
+        hparams = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
         for idx, st in inner["state"].items():
             n = flat_names[int(idx)]
             m1[n], m2[n] = st["exp_avg"].float(), st["exp_avg_sq"].float()
-            step_count = st["step"]
-        hparams = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+            step_count = _step_of(st, hparams)
         return weights, m1, m2, step_count, hparams
 
     prefix = "bf16_" if precision == "bf16" else ""
@@ -1243,8 +1265,8 @@ def _consolidate_student(tagdir: str, stage: int, precision: str, world: int, gr
                                 (m1, [b["state"][g]["exp_avg"] for b in base]),
                                 (m2, [b["state"][g]["exp_avg_sq"] for b in base])):
                 dest.update(zip(names, _split_flat(torch.cat([p.float() for p in parts]), shp, pad)))
-        step_count = base[0]["state"][0]["step"]
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in base[0]["param_groups"]]
+        step_count = _step_of(base[0]["state"][0], hparams)
     else:
         # ZeRO-3: per rank, each parameter's partition (ceil(numel / world) elements) follows the
         # previous one through the rank's flat groups; rebuilt by zipping the ranks together
@@ -1262,8 +1284,8 @@ def _consolidate_student(tagdir: str, stage: int, precision: str, world: int, gr
             if o != flats[0].numel():
                 raise ConfigError(f"{tagdir}: ZeRO-3 partitions hold {flats[0].numel()} elements per rank, the "
                                   f"parameters need {o}; checkpoint and model do not match")
-        step_count = next(iter(inner[0]["state"].values()))["step"]
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in inner[0]["param_groups"]]
+        step_count = _step_of(next(iter(inner[0]["state"].values())), hparams)
     return weights, m1, m2, step_count, hparams
 
 
@@ -1316,19 +1338,19 @@ def export_checkpoint(ckdir: str, output: str, tag: str | None = None, fmt: str 
         sd[part][key] = v.view_as(sd[part][key])
     model.load_reference_state_dict(sd, strict=True)
     optimizer = torch.optim.AdamW(model.param_groups())
-    flat = [n for g in r0["param_groups"] for n in g]
+    fresh_groups = optimizer.state_dict()["param_groups"]
     opt_state = {"state": {}, "param_groups": []}
     i = 0
     for g, names in enumerate(r0["param_groups"]):
         ids = []
         for n in names:
             if n in c["exp_avg"]:
-                opt_state["state"][i] = {"step": torch.as_tensor(c["step_count"], dtype=torch.float32).clone(),
+                opt_state["state"][i] = {"step": torch.tensor(float(c["step_count"]), dtype=torch.float32),
                                          "exp_avg": c["exp_avg"][n], "exp_avg_sq": c["exp_avg_sq"][n]}
             ids.append(i)
             i += 1
-        opt_state["param_groups"].append({**c["hparams"][g], "params": ids})
-    assert i == len(flat)
+        saved = {k: v for k, v in c["hparams"][g].items() if k in ADAMW_KEYS}
+        opt_state["param_groups"].append({**fresh_groups[g], **saved, "params": ids})
     optimizer.load_state_dict(opt_state)   # validates group sizes and shapes
     sampler = MultiBlockMaskSampler.from_config(cfg)
     if r0.get("sampler"):
