@@ -821,6 +821,15 @@ class ZeroTrainer:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
         params = dict(self.engine.module.named_parameters())
         if self.stage == 0:
+            # DeepSpeed's non-ZeRO bf16/fp16 wrappers take one optimizer step with zero gradients
+            # at construction, to create Adam's state. That step counts (Adam's bias correction
+            # is then one step ahead: the first real update is ~0.74x the reference's) and
+            # applies one weight decay. Measured: 4.7e-3 loss drift after 5 steps. Undo both.
+            inner = self.engine.optimizer.optimizer
+            inner.state.clear()
+            for g in inner.param_groups:
+                if "step" in g:          # FusedAdam counts per group
+                    g["step"] = 0
             masters = _zero0_bf16_masters(self.engine.optimizer)
             for n, p in params.items():
                 if id(p) in masters:

@@ -72,11 +72,14 @@ def test_fp32_every_stage_matches_single_process_engine(harness):
 
 @pytest.mark.slow   # torchrun launches
 def test_bf16_every_stage_close_to_single_process_engine(harness):
+    """bf16 module weights and bf16 gradient reduction vs the single-process bf16 autocast engine
+    (fp32 weights). Measured ~2e-4 on every stage; the bound is 2e-3 (the issue asks 1e-2), tight
+    enough to catch DeepSpeed's ZeRO-0 bf16 start-up optimizer step, which gave 4.7e-3."""
     cases = _cases(harness, "bf16")
     assert sorted(c["stage"] for c in cases) == [0, 1, 2, 3]
     for c in cases:
-        assert c["loss_diff"] < 1e-2, c
-        assert c["target_diff"] < 1e-2, c
+        assert c["loss_diff"] < 2e-3, c
+        assert c["target_diff"] < 2e-3, c
 
 
 @pytest.mark.slow   # torchrun launches
