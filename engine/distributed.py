@@ -1028,6 +1028,9 @@ def train_deepspeed(cfg: IJEPAConfig, zero_stage=None, resume: bool = False, *, 
                   f"(see the first failing rank's log); stopping. [{type(e).__name__}: {first}]",
                   file=sys.stderr, flush=True)
             code = 1
+        elif type(e).__name__ == "NonFiniteError":
+            print(f"ijepa: stopped: rank {r}: {e}", file=sys.stderr, flush=True)
+            code = 1
         elif isinstance(e, KeyboardInterrupt):
             print(f"ijepa: rank {r}: interrupted", file=sys.stderr, flush=True)
             code = 130
