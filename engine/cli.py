@@ -17,7 +17,8 @@ SUBCOMMANDS = (
     "engine.train",      # train
     "engine.demo",       # demo
     "engine.eval",       # eval
-    "engine.convert",    # convert, export
+    "engine.convert",    # convert
+    "engine.distributed",  # export (DeepSpeed ZeRO checkpoints)
     "engine.bench",      # bench, profile
     "engine.kernels_cli",  # kernels report
 )
@@ -71,4 +72,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m engine.cli`` (how torchrun/srun start it) runs this file as __main__; go through
+    # the imported module so ``except UsageError`` matches the class other modules raise
+    from engine.cli import main as _main
+    sys.exit(_main())

@@ -1,0 +1,316 @@
+"""DeepSpeed ZeRO 0-3 on CPU: 2 ranks over gloo, launched with torch.distributed.run.
+
+The heavy checks run in ONE torchrun launch (tests/ds_harness.py, ~1.5 min on 2 cores) whose
+measurements the tests below assert on; the CLI, export and failure tests add three more.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine.cli import main as cli_main
+from engine.config import ConfigError, IJEPAConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+PY = sys.executable
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(extra)
+    return env
+
+
+def _torchrun(args, timeout=600, **env):
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def _tail(p, n=3000):
+    return (p.stdout + p.stderr)[-n:]
+
+
+# ------------------------------------------------------------------ the torchrun harness
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ds")
+    out = work / "out.json"
+    t0 = time.time()
+    p = _torchrun([os.path.join(ROOT, "tests", "ds_harness.py"), "equiv,loop", str(out), str(work)])
+    assert p.returncode == 0, _tail(p)
+    res = json.loads(out.read_text())
+    res["launch_seconds"] = time.time() - t0
+    return res
+
+
+def _cases(res, precision):
+    return [c for c in res["equiv"]["cases"] if c["precision"] == precision]
+
+
+@pytest.mark.slow   # torchrun launches
+def test_fp32_every_stage_matches_single_process_engine(harness):
+    """ZeRO 0-3, 2 ranks, 5 steps (with grad accumulation 2 + clipping 0.5 on stages 1 and 3):
+    same losses, target encoder and fp32 weights as engine.train.train_step on the global batch."""
+    cases = _cases(harness, "fp32")
+    assert sorted(c["stage"] for c in cases) == [0, 1, 2, 3]
+    for c in cases:
+        assert len(c["losses"]) == 5
+        assert c["loss_diff"] < 1e-5, c
+        assert c["target_diff"] < 1e-5, c
+        assert c["target_moved"] > 1e-4, c          # the comparison above is not vacuous
+        assert c["student_diff"] < 1e-5, c
+        assert c["losses"][-1] < c["losses"][0]
+
+
+@pytest.mark.slow   # torchrun launches
+def test_bf16_every_stage_close_to_single_process_engine(harness):
+    """bf16 module weights and bf16 gradient reduction vs the single-process bf16 autocast engine
+    (fp32 weights). Measured ~2e-4 on every stage; the bound is 2e-3 (the issue asks 1e-2), tight
+    enough to catch DeepSpeed's ZeRO-0 bf16 start-up optimizer step, which gave 4.7e-3."""
+    cases = _cases(harness, "bf16")
+    assert sorted(c["stage"] for c in cases) == [0, 1, 2, 3]
+    for c in cases:
+        assert c["loss_diff"] < 2e-3, c
+        assert c["target_diff"] < 2e-3, c
+
+
+@pytest.mark.slow   # torchrun launches
+def test_checkpoint_reload_replays_steps_bit_for_bit(harness):
+    """Save after step 3, reload into a fresh engine: steps 3-4 give identical losses and target."""
+    for c in harness["equiv"]["cases"]:
+        assert c["resumed"] == c["losses"][3:], c
+        assert c["resume_target_diff"] == 0.0, c
+
+
+@pytest.mark.slow   # torchrun launches
+def test_export_engine_format_continues_in_single_process_engine(harness):
+    """The step-3 checkpoint exported to one engine file: fp32 weights and target equal the live
+    ZeRO state exactly, and the single-process engine continues with the same losses (the AdamW
+    moments were consolidated correctly)."""
+    for c in harness["equiv"]["cases"]:
+        assert c["export_step"] == 3
+        assert c["export_weight_diff"] == 0.0, c
+        assert c["export_target_diff"] == 0.0, c
+        tol = 1e-5 if c["precision"] == "fp32" else 1e-2
+        assert c["export_loss_diff"] < tol, c
+
+
+@pytest.mark.slow   # torchrun launches
+def test_zero3_bf16_target_moves_every_step(harness):
+    """m = 0.996 -> 1, bf16, ZeRO-3: the fp32 target shard changes every step and equals a dense
+    fp32 EMA of the fp32 masters; the bf16 shard is exactly its rounding. Control: a bf16 EMA
+    updated in place from the same weights gets a large share of the weight-matrix entries wrong,
+    many of them stuck at their initial value (measured: ~40 % wrong, ~18 % stuck)."""
+    mv = harness["equiv"]["moves"]
+    assert mv["momenta"][0] == pytest.approx(0.996)
+    assert all(f > 0.99 for f in mv["changed_fraction_per_step"]), mv
+    assert mv["dense_diff"] < 1e-6, mv
+    assert mv["bf16_shard_mismatch"] == 0, mv
+    assert mv["bf16_moved_fraction"] > 0.1, mv        # the exact EMA is visible even in bf16
+    assert mv["naive_bf16_wrong_fraction"] > 0.2, mv
+    assert mv["naive_bf16_stuck_fraction"] > 0.05, mv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_training_loop_resume_is_exact(harness, stage):
+    """train_deepspeed straight (8 steps) vs stopped at step 3 and resumed with --resume semantics."""
+    r = harness["loop"][stage]
+    assert r["steps"] == [8, 3, 8] and r["stop"] == ["finished", "max_steps"]
+    assert r["first"] + r["second"] == r["straight"]      # bitwise-equal floats
+    assert r["target_equal"]
+    # every_steps=2, keep_last=1: the latest tag plus one older step tag survive
+    assert r["latest"] == "step00000008"
+    assert [t for t in r["tags"] if t.startswith("step")] == ["step00000006", "step00000008"]
+
+
+# ------------------------------------------------------------------ CLI + export round trip
+@pytest.mark.slow   # torchrun launches
+def test_cli_zero3_train_then_export_round_trip(tmp_path):
+    from engine.checkpoint import load_file, restore
+    from engine.masks import MultiBlockMaskSampler
+    from engine.model import build_model
+    from engine.train import build_optimizer
+    run = tmp_path / "run"
+    p = _torchrun(["-m", "engine.cli", "train", "--config", SMOKE, "--zero", "3", "--quiet",
+                   "--override", f"logging.folder={run}", "--override", "train.max_steps=5",
+                   "--override", "train.precision=bf16"], timeout=300)
+    assert p.returncode == 0, _tail(p)
+    assert "trained 5 steps (max_steps)" in p.stderr
+    ckdir = run / "jepa-ds"
+    assert (ckdir / "latest").read_text() == "step00000005"
+    rows = (run / "jepa_r0.csv").read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("epoch,itr,loss")
+
+    cfg = IJEPAConfig.from_yaml(SMOKE, [f"logging.folder={run}"])
+    ref_file, eng_file = tmp_path / "ref.pth.tar", tmp_path / "eng.pth.tar"
+    assert cli_main(["export", "--checkpoint", str(ckdir), "--output", str(ref_file)]) == 0
+    ref = load_file(str(ref_file))
+    assert "engine" not in ref and ref["epoch"] == 1 and ref["world_size"] == 2
+    assert all(k.startswith("module.") for k in ref["encoder"])
+    model = build_model(cfg)
+    model.load_reference_state_dict(ref)                  # strict
+    drift = max(float((t - e).detach().abs().max()) for t, e in zip(model.target_encoder.parameters(),
+                                                            model.encoder.parameters()))
+    assert drift > 0                                      # the target is its own EMA, not a copy
+    assert len(ref["opt"]["param_groups"]) == 4 and ref["opt"]["param_groups"][2]["WD_exclude"]
+
+    assert cli_main(["export", "--checkpoint", str(ckdir), "--tag", "step00000004", "--format", "engine",
+                     "--output", str(eng_file)]) == 0
+    eng = load_file(str(eng_file))
+    m2 = build_model(cfg)
+    opt = build_optimizer(m2, cfg, torch.device("cpu"))
+    sampler = MultiBlockMaskSampler.from_config(cfg)
+    e = restore(eng, m2, opt, sampler)
+    assert (e["step"], e["epoch"], e["batch_in_epoch"]) == (4, 1, 0)
+    assert sampler.counter == 3 and len(opt.state) > 0
+    assert e["deepspeed"]["zero_stage"] == 3 and e["deepspeed"]["tag"] == "step00000004"
+
+
+def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a directory" in err[0]
+    (tmp_path / "ck").mkdir()
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "x")]) == 2
+    assert "no 'latest' file" in capsys.readouterr().err
+
+
+def test_train_rejects_bad_deepspeed_section_before_connecting(tmp_path, capsys):
+    base = ["train", "--config", SMOKE, "--zero", "2", "--override", f"logging.folder={tmp_path}"]
+    assert cli_main(base + ["--override", "deepspeed.optimizer.type=Adam"]) == 2
+    assert "deepspeed.optimizer: not accepted" in capsys.readouterr().err
+    assert cli_main(base + ["--override", "deepspeed.gradient_accumulation_steps=4"]) == 2
+    assert "optimization.grad_accum_steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a rank that dies or hangs
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow   # torchrun launches
+def test_dead_or_hung_rank_ends_the_run_with_a_clear_error(tmp_path):
+    """Two runs started like SLURM tasks (no torchrun to kill the survivors): in one, rank 1
+    exits at step 2; in the other it hangs there. Rank 0 must stop with exit code 1 and a
+    one-line message soon after (gloo reports the dead peer at once; the hung one is caught by
+    the process-group timeout, 8 s here), instead of waiting forever."""
+    procs = {}
+    for mode in ("exit", "hang"):
+        port = _free_port()
+        for r in (0, 1):
+            env = _env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_NODELIST="localhost",
+                       MASTER_PORT=str(port), IJEPA_DIST_TIMEOUT_S="8", IJEPA_TEST_FAULT=f"1:2:{mode}")
+            log = open(tmp_path / f"{mode}{r}.log", "w")
+            procs[mode, r] = (subprocess.Popen(
+                [PY, "-m", "engine.cli", "train", "--config", SMOKE, "--zero", "2", "--quiet",
+                 "--override", f"logging.folder={tmp_path / mode}"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    t0, fault_at, end_at = time.time(), {}, {}
+    try:
+        while len(end_at) < 2 and time.time() - t0 < 240:
+            for mode in ("exit", "hang"):
+                if mode not in fault_at and "test fault: rank 1" in (tmp_path / f"{mode}1.log").read_text():
+                    fault_at[mode] = time.time()
+                if mode not in end_at and procs[mode, 0][0].poll() is not None:
+                    end_at[mode] = time.time()
+            time.sleep(0.2)
+    finally:
+        for p, log in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            log.close()
+    for mode in ("exit", "hang"):
+        out = (tmp_path / f"{mode}0.log").read_text()
+        assert mode in end_at, f"rank 0 still running 240 s after launch ({mode})\n{out[-2000:]}"
+        assert procs[mode, 0][0].returncode == 1, out[-2000:]
+        assert "a collective failed, so another rank died or hung" in out
+        assert mode in fault_at
+        assert end_at[mode] - fault_at[mode] < 45, (mode, end_at[mode] - fault_at[mode])
+        assert "Traceback" not in out
+    assert "Timed out" in (tmp_path / "hang0.log").read_text()
+
+
+# ------------------------------------------------------------------ pure functions
+def test_launch_env_detection():
+    from engine.distributed import detect_launch_env, first_slurm_host
+    assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_slurm_host("node7,node8") == "node7"
+    assert first_slurm_host("a[1-2]-ib") == "a1-ib"
+    e = detect_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h0",
+                           "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port, e.launcher) == (3, 8, 1, "h0", 1234,
+                                                                                              "torchrun")
+    e = detect_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                           "SLURM_JOB_NODELIST": "dgx[12-13]", "SLURM_JOB_ID": "123456"})
+    assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 1, "dgx12", "slurm")
+    assert e.master_port == 20000 + 123456 % 20000
+    e = detect_launch_env({})
+    assert (e.rank, e.world_size, e.launcher) == (0, 1, "single")
+    with pytest.raises(ConfigError, match="not a valid rank"):
+        detect_launch_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_deepspeed_config_merge(tmp_path):
+    from engine.distributed import build_ds_config
+    cfg = IJEPAConfig.from_yaml(SMOKE, ["optimization.grad_accum_steps=2", "train.precision=bf16"])
+    cfg.deepspeed = {"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_clipping": "auto",
+                     "communication_data_type": "fp32"}
+    d = build_ds_config(cfg, 3, world_size=4)
+    assert d["train_micro_batch_size_per_gpu"] == 8 and d["gradient_accumulation_steps"] == 2
+    assert d["train_batch_size"] == 64
+    assert d["gradient_clipping"] == 0.0                 # explicit: DeepSpeed would default to 1.0
+    assert d["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert d["bf16"] == {"enabled": True} and d["communication_data_type"] == "fp32"
+    js = tmp_path / "ds.json"
+    js.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 1.0}))
+    cfg = IJEPAConfig.from_yaml(SMOKE, ["optimization.clip_grad=1.0"])
+    cfg.deepspeed = {"config_file": str(js), "zero_optimization": {"contiguous_gradients": False}}
+    d = build_ds_config(cfg, 2, world_size=2)
+    assert d["zero_optimization"] == {"reduce_bucket_size": 1000, "contiguous_gradients": False, "stage": 2}
+    assert d["bf16"] == {"enabled": False}
+    for bad, msg in (({"optimizer": {"type": "Adam"}}, "not accepted"),
+                     ({"train_micro_batch_size_per_gpu": 3}, "data.batch_size"),
+                     ({"fp16": {"enabled": True}}, "fp16"),
+                     ({"bf16": {"enabled": True}}, "precision"),
+                     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload"),
+                     ({"config_file": str(tmp_path / "missing.json")}, "not a file")):
+        cfg.deepspeed = bad
+        with pytest.raises(ConfigError, match=msg):
+            build_ds_config(cfg, 2, world_size=2)
+
+
+def test_zero_memory_table_vith14():
+    from engine.distributed import count_params, format_memory_table, zero_memory_table
+    cfg = IJEPAConfig.from_yaml(os.path.join(ROOT, "configs", "in1k_vith14_ep300.yaml"),
+                                ["data.root_path=/tmp", "logging.folder=/tmp/x"], validate=False)
+    n = count_params(cfg)
+    assert 630e6 < n["encoder"] < 633e6 and 20e6 < n["predictor"] < 25e6
+    rows = zero_memory_table(cfg, 16)
+    totals = [r["total"] for r in rows]
+    assert totals == sorted(totals, reverse=True)
+    gib, P, T = 1024 ** 3, n["trainable"], n["target"]
+    assert rows[0]["total"] == pytest.approx((16 * P + 6 * T) / gib)       # DDP-like: 16 bytes/param + target
+    assert rows[3]["total"] == pytest.approx((16 * P + 6 * T) / 16 / gib)  # everything partitioned
+    assert "| 3 | 16 |" in format_memory_table(rows)
+
+
+def test_assemble_target_detects_missing_shards():
+    from engine.distributed import assemble_target
+    shapes = {"w": (2, 3)}
+    full = assemble_target([{"fragments": [("w", 0, 4)], "data": torch.arange(4.)},
+                            {"fragments": [("w", 4, 2)], "data": torch.tensor([4., 5.])}], shapes)
+    assert torch.equal(full["w"], torch.arange(6.).view(2, 3))
+    with pytest.raises(ConfigError, match="incomplete"):
+        assemble_target([{"fragments": [("w", 0, 4)], "data": torch.arange(4.)}], shapes)
