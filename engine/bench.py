@@ -211,14 +211,24 @@ class EngineRunner:
         with phase("backward"):
             loss.backward()
         with phase("finite_check"):
-            total = loss.detach()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = bool(torch.isfinite(total)) and all(bool(torch.isfinite(g).all()) for g in grads)
+            total = loss.detach().float()
+            params = [p for p in model.parameters() if p.grad is not None]
+            found_inf = (~torch.isfinite(total)).float()
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found_inf,
+                                                             torch.ones((), device=total.device))
+            if self.cfg.train.nonfinite == "stop" and bool(found_inf):
+                from engine.train import NonFiniteError
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"non-finite loss or gradient (loss={float(total)})")
         with phase("optimizer"):
-            if finite:
-                clip = self.cfg.optimization.clip_grad
-                if clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip)
+            clip = self.cfg.optimization.clip_grad
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            if getattr(opt, "_step_supports_amp_scaling", False) and opt.defaults.get("fused"):
+                opt.found_inf = found_inf
+                opt.step()
+                del opt.found_inf
+            elif not bool(found_inf):
                 opt.step()
         with phase("zero_grad"):
             opt.zero_grad(set_to_none=True)

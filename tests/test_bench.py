@@ -253,10 +253,11 @@ def test_e2e_engine_alone(tmp_path):
     assert list(rep["sides"]) == ["engine"] and rep["settings"]["batch_size"] == 4 and not rep["ratio"]
 
 
-def test_phased_step_is_train_step():
+@pytest.mark.parametrize("overrides", [[], ["optimization.clip_grad=0.5", "optimization.fused_optimizer=true"]])
+def test_phased_step_is_train_step(overrides):
     """The profiler's split step must compute what engine.train.train_step computes."""
     from engine.bench import EngineRunner, sample_masks
-    cfg = IJEPAConfig.from_yaml(SMOKE)
+    cfg = IJEPAConfig.from_yaml(SMOKE, overrides)
     a = EngineRunner(cfg, "cpu", "fp32", 100)
     b = EngineRunner(cfg, "cpu", "fp32", 100)
     masks = sample_masks(cfg, 8, 3, seed=0)
