@@ -797,21 +797,44 @@ def format_profile(rep: dict) -> str:
 
 
 # ===================================================================== bench kernels
-BASELINE_NAMES = ("torch", "pytorch", "eager", "naive", "reference", "baseline", "ref", "torch_ref")
-_ROW_KEYS = ("results", "rows", "cases", "benchmarks", "entries")
+# Which provider is "the PyTorch baseline" in a group of rows, in order of preference: the
+# reference-equivalent path first (gather "ref", attention "naive", EMA "loop").
+BASELINE_NAMES = ("ref", "reference", "naive", "loop", "torch", "pytorch", "eager", "baseline", "torch_ref", "math")
+_ROW_KEYS = ("results", "rows", "speed", "cases", "benchmarks", "entries")
 _NAME_KEYS = ("case", "name", "shape", "config", "label")
-_IMPL_KEYS = ("impl", "backend", "kernel", "variant", "method")
+_IMPL_KEYS = ("provider", "impl", "backend", "kernel", "variant", "method")
 _BASE_MS_KEYS = ("baseline_ms", "torch_ms", "pytorch_ms", "ref_ms", "reference_ms", "naive_ms", "eager_ms")
 _MS_KEYS = ("ms", "time_ms", "kernel_ms", "triton_ms", "impl_ms", "median_ms")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _baseline_of(providers) -> str | None:
+    low = {str(p).lower(): p for p in providers}
+    return next((low[b] for b in BASELINE_NAMES if b in low), None)
+
+
+def kernel_json_device(data) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    for d in (data, data.get("environment"), data.get("env")):
+        if isinstance(d, dict) and d.get("device"):
+            return str(d["device"])
+    return None
 
 
 def normalise_kernel_json(data, script: str) -> list[dict]:
     """Rows ``{script, case, impl, baseline, ms, baseline_ms, speedup}`` from a benchmark's JSON.
 
-    The preferred layout is ``{"device": ..., "results": [{"case", "impl", "baseline", "ms",
-    "baseline_ms", "speedup"}]}``; also accepted: a top-level list of rows, rows with a
-    ``times_ms`` mapping ``{impl: ms}`` (the baseline is the entry named torch/pytorch/naive/...),
-    and rows that carry only a ``speedup``.
+    Layouts understood:
+    * long (what benchmarks/_common.py writes): ``{"rows" | "speed": [{"case"?, "provider" |
+      "backend", "ms" | "<metric>_ms", ...}]}``, one row per provider; rows are grouped by case
+      (``case``, else their integer/string fields) and every ``*_ms`` metric is compared with
+      the group's baseline provider (``BASELINE_NAMES``);
+    * wide: rows carrying ``speedup`` and/or ``baseline_ms`` + ``ms``, or ``times_ms: {impl: ms}``.
+    Rows with an ``error`` are skipped.
     """
     if isinstance(data, dict):
         rows = next((data[k] for k in _ROW_KEYS if isinstance(data.get(k), list)), None)
@@ -822,15 +845,22 @@ def normalise_kernel_json(data, script: str) -> list[dict]:
     else:
         rows = None
     if rows is None:
-        raise ValueError("no list of results found (expected a 'results' list)")
+        raise ValueError("no list of results found (expected 'rows', 'results' or 'speed')")
+    rows = [r for r in rows if isinstance(r, dict) and "error" not in r]
+    wide = any(("speedup" in r) or ("times_ms" in r) or any(k in r for k in _BASE_MS_KEYS) for r in rows)
+    out = _wide_rows(rows, script) if wide else _long_rows(rows, script)
+    if not out:
+        raise ValueError("the results list holds no usable rows")
+    return out
+
+
+def _wide_rows(rows, script):
     out = []
     for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            continue
         case = next((str(r[k]) for k in _NAME_KEYS if k in r), f"case {i}")
         times = r.get("times_ms")
         if isinstance(times, dict) and times:
-            base = next((k for k in times if str(k).lower() in BASELINE_NAMES), None)
+            base = _baseline_of(times)
             for impl, ms in times.items():
                 if impl == base:
                     continue
@@ -839,15 +869,44 @@ def normalise_kernel_json(data, script: str) -> list[dict]:
                             "baseline_ms": times.get(base), "speedup": sp})
             continue
         impl = next((str(r[k]) for k in _IMPL_KEYS if k in r), "kernel")
-        ms = next((r[k] for k in _MS_KEYS if isinstance(r.get(k), (int, float))), None)
-        base_ms = next((r[k] for k in _BASE_MS_KEYS if isinstance(r.get(k), (int, float))), None)
+        ms = next((r[k] for k in _MS_KEYS if _num(r.get(k))), None)
+        base_ms = next((r[k] for k in _BASE_MS_KEYS if _num(r.get(k))), None)
         sp = r.get("speedup")
-        if not isinstance(sp, (int, float)):
+        if not _num(sp):
             sp = (base_ms / ms) if (base_ms and ms) else None
         out.append({"script": script, "case": case, "impl": impl, "baseline": r.get("baseline", "torch"),
                     "ms": ms, "baseline_ms": base_ms, "speedup": sp})
-    if not out:
-        raise ValueError("the results list holds no rows")
+    return out
+
+
+def _long_rows(rows, script):
+    pkey = next((k for k in _IMPL_KEYS if any(k in r for r in rows)), None)
+    if pkey is None:
+        return []
+    metrics = sorted({k for r in rows for k, v in r.items() if _num(v) and (k == "ms" or k.endswith("_ms"))},
+                     key=lambda k: (k != "ms", k))
+
+    def case_of(r):
+        if "case" in r:
+            return str(r["case"])
+        return ", ".join(f"{k}={v}" for k, v in r.items()
+                         if k != pkey and (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(case_of(r), []).append(r)
+    out = []
+    for case, grp in groups.items():
+        base = _baseline_of([r.get(pkey) for r in grp])
+        base_row = next((r for r in grp if r.get(pkey) == base), None)
+        for metric in metrics:
+            label = case if metric == "ms" else f"{case} [{metric[:-3]}]"
+            bms = base_row.get(metric) if base_row else None
+            for r in grp:
+                ms = r.get(metric)
+                if r is base_row or not _num(ms):
+                    continue
+                out.append({"script": script, "case": label, "impl": str(r.get(pkey)), "baseline": base,
+                            "ms": ms, "baseline_ms": bms, "speedup": (bms / ms) if _num(bms) and ms else None})
     return out
 
 
@@ -889,8 +948,8 @@ def run_kernels(args) -> int:
                     with open(out) as f:
                         data = json.load(f)
                     got = normalise_kernel_json(data, name)
-                    if isinstance(data, dict) and data.get("device"):
-                        entry["device"] = str(data["device"])
+                    if kernel_json_device(data):
+                        entry["device"] = kernel_json_device(data)
                     entry["status"] = "ok"
                     entry["rows"] = len(got)
                     rows += got

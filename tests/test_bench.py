@@ -336,6 +336,22 @@ def test_kernel_json_layouts():
     assert all(r["baseline"] == "naive" for r in rows)
     with pytest.raises(ValueError):
         normalise_kernel_json({"oops": 1}, "x")
+    # long layout of benchmarks/_common.py: one row per provider, the baseline among them
+    gather = {"environment": {"device": "CPU: X"}, "rows": [
+        {"case": "ctx", "provider": "ref", "ms": 3.0, "gb_per_s": 1.0},
+        {"case": "ctx", "provider": "index_select", "ms": 1.5, "gb_per_s": 2.0},
+        {"case": "tgt", "provider": "ref", "ms": 2.0}, {"case": "tgt", "provider": "triton sorted", "ms": 0.5}]}
+    rows = normalise_kernel_json(gather, "g")
+    assert [(r["case"], r["impl"], r["baseline"], r["speedup"]) for r in rows] == [
+        ("ctx", "index_select", "ref", 2.0), ("tgt", "triton sorted", "ref", 4.0)]
+    attn = {"env": {"device": "CPU"}, "speed": [
+        {"backend": "naive", "B": 4, "N": 69, "d": 32, "dtype": "float32", "fwd_ms": 2.0, "fwd_bwd_ms": 6.0,
+         "fwd_tflops": 0.1},
+        {"backend": "sdpa", "B": 4, "N": 69, "d": 32, "dtype": "float32", "fwd_ms": 1.0, "fwd_bwd_ms": 4.0},
+        {"backend": "triton", "B": 4, "N": 69, "d": 32, "dtype": "float32", "error": "needs CUDA"}]}
+    rows = normalise_kernel_json(attn, "a")
+    assert {(r["case"], r["impl"], r["speedup"]) for r in rows} == {
+        ("B=4, N=69, d=32, dtype=float32 [fwd]", "sdpa", 2.0), ("B=4, N=69, d=32, dtype=float32 [fwd_bwd]", "sdpa", 1.5)}
 
 
 # ------------------------------------------------------------------ CLI errors: one line, exit 2
