@@ -980,7 +980,7 @@ def format_kernels(rep: dict) -> str:
         lines.append(md_table(["script", "case", "impl", "ms", "baseline", "baseline ms", "speedup"],
                               [[r["script"], r["case"], r["impl"], _f(r["ms"], "{:.3f}"), r["baseline"] or "",
                                 _f(r["baseline_ms"], "{:.3f}"), _f(r["speedup"], "{:.2f}x")]
-                               for r in rep["results"]]))
+                               for r in rep["results"]], ["l", "l", "l", "r", "l", "r", "r"]))
     else:
         lines.append("no kernel results")
     return "\n".join(lines)
@@ -989,11 +989,13 @@ def format_kernels(rep: dict) -> str:
 def plot_kernels(rep: dict, path: str) -> None:
     from engine import pngplot
     rows = [r for r in rep["results"] if isinstance(r.get("speedup"), (int, float))]
-    labels = [f"{r['script'].replace('bench_', '').replace('.py', '')}:{r['case']}:{r['impl']}" for r in rows]
-    width = max(720, 90 * len(rows) + 120)
-    chart = pngplot.bar_chart(labels or ["(none)"], [r["speedup"] for r in rows] or [0.0],
-                              title=f"speedup vs PyTorch baseline ({rep['device']})", ylabel="speedup (x)",
-                              ref_line=1.0, size=(width, 440))
+    labels = [f"{r['script'].replace('bench_', '').replace('.py', '')}: {r['case']}: {r['impl']} vs {r['baseline']}"
+              for r in rows]
+    scripts = sorted({r["script"] for r in rows})
+    colors = [pngplot.PALETTE[scripts.index(r["script"]) % len(pngplot.PALETTE)] for r in rows]
+    chart = pngplot.hbar_chart(labels or ["(no results)"], [r["speedup"] for r in rows] or [0.0],
+                               title=f"speedup vs the PyTorch baseline ({rep['device']}; dashed: 1x)",
+                               xlabel="speedup (x)", ref_line=1.0, colors=colors or None, width=1100)
     notes = [f"{s['script']}: {s['status']}" for s in rep["scripts"]]
     img = pngplot.compose([chart], meta_lines(rep["meta"]) + notes)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -111,6 +111,48 @@ def bar_chart(labels, values, title="", ylabel="", xlabel="", size=(720, 420), r
     return ax.img
 
 
+def hbar_chart(labels, values, title="", xlabel="", ref_line=None, colors=None, width=1000,
+               row_h=18, max_label_w=560) -> Image.Image:
+    """Horizontal bars, one row per label (long labels such as kernel cases stay readable)."""
+    vals = [float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in values]
+    f, ft = _font(12), _font(15)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lw = min(max_label_w, int(max((_text_w(probe, str(x), f) for x in labels), default=40)) + 12)
+    top, bottom = 40, 40
+    H = top + bottom + row_h * max(1, len(vals))
+    img = Image.new("RGB", (width, H), _BG)
+    d = ImageDraw.Draw(img)
+    x0, x1 = lw, width - 60
+    hi = max(vals + [ref_line or 0.0, 1e-12]) * 1.05
+    ticks = nice_ticks(0.0, hi)
+    hi = max(hi, ticks[-1])
+
+    def px(v):
+        return x0 + v / hi * (x1 - x0)
+    d.text((width / 2, 10), title, fill=_FG, font=ft, anchor="mt")
+    for t in ticks:
+        d.line([(px(t), top), (px(t), H - bottom)], fill=_GRID)
+        d.text((px(t), H - bottom + 4), _fmt(t), fill=_FG, font=f, anchor="mt")
+    if xlabel:
+        d.text(((x0 + x1) / 2, H - 6), xlabel, fill=_FG, font=f, anchor="mb")
+    for i, (lab, v) in enumerate(zip(labels, vals)):
+        y = top + row_h * i
+        c = (colors[i] if colors else PALETTE[0])
+        d.rectangle([x0, y + 3, px(v), y + row_h - 3], fill=c)
+        d.text((px(v) + 4, y + row_h / 2), _fmt(v), fill=_FG, font=f, anchor="lm")
+        text = str(lab)
+        while len(text) > 4 and _text_w(d, text, f) > lw - 10:
+            text = text.rstrip("…")[:-1] + "…"
+        d.text((x0 - 6, y + row_h / 2), text, fill=_FG, font=f, anchor="rm")
+    d.line([(x0, top), (x0, H - bottom)], fill=_FG)
+    if ref_line is not None:
+        y = top
+        while y < H - bottom:
+            d.line([(px(ref_line), y), (px(ref_line), min(y + 6, H - bottom))], fill=(200, 0, 0))
+            y += 10
+    return img
+
+
 def line_chart(series: dict, title="", xlabel="", ylabel="", size=(720, 420), x=None) -> Image.Image:
     """One line per entry of ``series`` (name -> list of y), with a legend."""
     ys = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
