@@ -1015,7 +1015,12 @@ def run_flops(args) -> int:
     except Exception as e:   # e.g. a mask config that cannot be sampled
         raise BenchUsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
     peak = args.peak_tflops or device_peak_tflops(args.gpu)
+    meta = run_meta(torch.device("cpu"), torch.get_num_threads(),
+                    command_line("bench flops", args, ("config", "override", "batch_size", "k_ctx", "k_pred",
+                                                       "images_per_s", "gpu", "peak_tflops", "json")))
+    meta["device"] = "analytic (no device used)"
     print(f"## FLOP model: {_describe(cfg)}\n")
+    print("\n".join(f"- {x}" for x in meta_lines(meta)) + "\n")
     print(format_table(sf))
     if args.images_per_s:
         achieved = sf.total * args.images_per_s / 1e12
@@ -1030,6 +1035,8 @@ def run_flops(args) -> int:
             print(f"- {a}")
     if args.json:
         out = sf.to_dict()
+        out["meta"] = meta
+        out["peak_tflops"] = peak
         if is_paper_vith14(cfg):
             out["paper_reference"] = paper_reference_figure(sf.total)
         _write(args.json, json.dumps(out, indent=2))

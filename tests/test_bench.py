@@ -397,3 +397,15 @@ def test_pngplot_primitives(tmp_path):
     im = pngplot.compose([pngplot.bar_chart(["a", "b"], [1.0, 2.5], title="t", ref_line=1.0)],
                          ["a footer line " * 20])
     assert im.size[0] == 720 and im.size[1] > 420
+
+
+def test_bench_flops_command(tmp_path, capsys):
+    out = tmp_path / "f.json"
+    assert main(["bench", "flops", "--config", VITH14, "--k-ctx", "69", "--k-pred", "44", "--images-per-s", "92.7",
+                 "--gpu", "A100", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["per_image_flops"] == pytest.approx(656e9, rel=0.03) and rep["peak_tflops"] == 312
+    assert rep["paper_reference"]["images_per_s_per_gpu"] == pytest.approx(92.7, abs=0.1)
+    assert "bench flops" in rep["meta"]["command"]
+    text = capsys.readouterr().out
+    assert "% MFU of 312 TFLOP/s" in text and "19.5 % MFU" in text
