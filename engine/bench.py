@@ -1,0 +1,1103 @@
+"""``ijepa bench`` and ``ijepa profile``: where the time goes, and how the engine compares.
+
+* ``bench e2e``: the engine's training step against the reference's (imported at run time
+  from the user's checkout, see ``engine.refharness``), same model, batch, masks, initial
+  weights and precision, steps alternating; median step time, images/s, peak memory, the
+  loss of both at every step.
+* ``bench kernels``: runs ``benchmarks/bench_*.py`` as subprocesses and tabulates their JSON.
+* ``bench flops``: the analytic FLOP model (``engine.flops``), MFU, the paper's derived figure.
+* ``profile``: engine (and optionally reference) steps split into phases, plus a
+  ``torch.profiler`` trace and the top operators.
+
+Every output (stdout markdown, ``--json``, PNG footer) names the device, CPU model, thread
+count, torch version, git commit, date and the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import IJEPAConfig
+from engine.refharness import BenchUsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Schedules need an epoch length; both sides get the same one, so lr/wd/momentum agree.
+BENCH_IPE = 100
+KERNEL_SCRIPTS = ("bench_gather.py", "bench_ema.py", "bench_attention.py")
+PROBE_MARK = "IJEPA_PROBE "
+# Loss agreement needed before a speed comparison is reported as valid. fp32 differs only
+# by summation order (SDPA vs explicit softmax, fused gathers); bf16 rounds every matmul
+# input, so the two sides drift apart faster.
+LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
+
+
+# ===================================================================== provenance
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def git_commit(root: str = ROOT) -> str:
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_meta(device: torch.device, threads: int, command: str) -> dict:
+    dev = "cpu"
+    if device.type == "cuda":
+        dev = f"cuda ({torch.cuda.get_device_name(device)})"
+    return {"device": dev, "cpu_model": cpu_model(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "git_commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": command, "hostname_cpus": os.cpu_count()}
+
+
+def meta_lines(meta: dict) -> list[str]:
+    return [f"device: {meta['device']} | CPU: {meta['cpu_model']} | threads: {meta['threads']} | "
+            f"torch {meta['torch']} | commit {meta['git_commit']} | {meta['date']}",
+            f"command: {meta['command']}"]
+
+
+def command_line(action: str, args, keys) -> str:
+    """The exact command, rebuilt from the parsed options (also when called through ``main(argv)``)."""
+    parts = ["ijepa"] + action.split()
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif isinstance(v, list):
+            for x in v:
+                parts += [flag, str(x)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join(parts)
+
+
+# ===================================================================== setup
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchUsageError("--device cuda: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def load_config(args, synthetic: bool) -> IJEPAConfig:
+    """The config with the command's overrides; ``synthetic``: images come from the harness."""
+    cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
+    d = cfg.to_dict()
+    if synthetic:
+        d["data"]["dataset"] = "synthetic"
+    if d["logging"]["folder"].startswith("$"):
+        d["logging"]["folder"] = "runs/bench"   # never written by the benchmarks
+    if args.batch_size is not None:
+        d["data"]["batch_size"] = args.batch_size
+    if args.precision is not None:
+        d["train"]["precision"] = args.precision
+    d["train"]["progress"] = False
+    return IJEPAConfig.from_dict(d)   # validates
+
+
+def setup_threads(args, cfg) -> int:
+    threads = args.threads or cfg.train.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sample_masks(cfg, batch: int, n: int, seed: int):
+    """``n`` batches of (masks_enc, masks_pred); reference-mode placement draws from the global
+    RNG, so it is seeded here and restored afterwards (same masks in every process)."""
+    from engine.masks import MultiBlockMaskSampler
+    sampler = MultiBlockMaskSampler.from_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [sampler(batch) for _ in range(n)]
+
+
+def make_images(cfg, batch: int, i: int, seed: int, device) -> torch.Tensor:
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + i)
+    s = cfg.data.crop_size
+    return torch.randn(batch, cfg.data.in_chans, s, s, generator=g).to(device)
+
+
+def to_device(masks, device):
+    return [m.to(device) for m in masks]
+
+
+# ===================================================================== the engine side
+class EngineRunner:
+    """The engine's model and optimizer; ``step`` is ``engine.train.train_step`` itself."""
+
+    name = "engine"
+
+    def __init__(self, cfg, device, precision: str, ipe: int, ref_state: dict | None = None):
+        from engine.model import build_model
+        from engine.schedules import Schedules
+        from engine.train import build_optimizer
+        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
+        self.model = build_model(cfg, self.device)
+        if ref_state is not None:
+            self.model.load_reference_state_dict(ref_state)
+        self.opt = build_optimizer(self.model, cfg, self.device)
+        self.sched = Schedules.from_config(cfg, ipe)
+        self.k = 0
+
+    def step(self, images, masks_enc, masks_pred) -> float:
+        from engine.train import train_step
+        k = self.k
+        loss, _skipped = train_step(
+            self.model, self.opt, [(images, masks_enc, masks_pred)], lr=self.sched.lr(k), wd=self.sched.wd(k),
+            momentum=self.sched.momentum(k), precision=self.precision, device=self.device,
+            clip_grad=self.cfg.optimization.clip_grad, nonfinite=self.cfg.train.nonfinite)
+        self.k += 1
+        return float(loss)
+
+    def step_phased(self, images, masks_enc, masks_pred, phase) -> float:
+        """``train_step``'s order (one micro-batch), split at the model's parts so each phase
+        can be timed; tests check it leaves the same loss and weights as ``train_step``."""
+        from engine.schedules import apply_lr_wd
+        from engine.train import autocast
+        model, opt, k = self.model, self.opt, self.k
+        masks_enc, masks_pred = list(masks_enc), list(masks_pred)
+        with phase("schedules"):
+            apply_lr_wd(opt, self.sched.lr(k), self.sched.wd(k))
+        with autocast(self.device, self.precision):
+            with phase("target_forward"):
+                h = model.targets(images, masks_enc, masks_pred)
+            with phase("context_forward"):
+                z = model.encoder(images, masks_enc)
+            with phase("predictor"):
+                z = model.predictor(z, masks_enc, masks_pred)
+            with phase("loss"):
+                loss = F.smooth_l1_loss(z, h)
+        with phase("backward"):
+            loss.backward()
+        with phase("finite_check"):
+            total = loss.detach().float()
+            params = [p for p in model.parameters() if p.grad is not None]
+            found_inf = (~torch.isfinite(total)).float()
+            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found_inf,
+                                                             torch.ones((), device=total.device))
+            if self.cfg.train.nonfinite == "stop" and bool(found_inf):
+                from engine.train import NonFiniteError
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"non-finite loss or gradient (loss={float(total)})")
+        with phase("optimizer"):
+            clip = self.cfg.optimization.clip_grad
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            if getattr(opt, "_step_supports_amp_scaling", False) and opt.defaults.get("fused"):
+                opt.found_inf = found_inf
+                opt.step()
+                del opt.found_inf
+            elif not bool(found_inf):
+                opt.step()
+        with phase("zero_grad"):
+            opt.zero_grad(set_to_none=True)
+        with phase("ema"):
+            model.update_target(self.sched.momentum(k))
+        self.k += 1
+        with phase("loss_read"):
+            return float(total)
+
+
+def build_runners(cfg, device, precision, reference, seed):
+    """(engine, reference or None); the engine starts from the reference's initial weights."""
+    ref = None
+    if reference is not None:
+        from engine.refharness import ReferenceRunner
+        ref = ReferenceRunner(reference, cfg, device, precision, BENCH_IPE, seed)
+    eng = EngineRunner(cfg, device, precision, BENCH_IPE, ref.state_dicts() if ref else None)
+    return eng, ref
+
+
+# ===================================================================== memory probes
+def _status_kb(key: str) -> float | None:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1])
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def probe_main(spec_json: str) -> int:
+    """Child process: build one side only, run a few steps, print its peak memory as JSON."""
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    cfg = IJEPAConfig.from_dict(spec["cfg"])
+    device = torch.device(spec["device"])
+    batch, seed, n = cfg.data.batch_size, spec["seed"], spec["steps"]
+    masks = sample_masks(cfg, batch, n, seed)
+    if spec["side"] == "reference":
+        from engine.refharness import ReferenceRunner, load_reference
+        runner = ReferenceRunner(load_reference(spec["reference"]), cfg, device, cfg.precision, BENCH_IPE, seed)
+    else:
+        runner = EngineRunner(cfg, device, cfg.precision, BENCH_IPE)
+    inputs = [(make_images(cfg, batch, i, seed, device), to_device(masks[i][0], device),
+               to_device(masks[i][1], device)) for i in range(n)]
+    gc.collect()
+    out = {"side": spec["side"], "steps": n}
+    if device.type == "cuda":
+        sync(device)
+        out["cuda_resident_mib"] = torch.cuda.memory_allocated(device) / 2 ** 20
+        torch.cuda.reset_peak_memory_stats(device)
+    rss0 = _status_kb("VmRSS")
+    reset = _reset_peak_rss()
+    for imgs, me, mp in inputs:
+        runner.step(imgs, me, mp)
+    sync(device)
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        out["cuda_peak_above_resident_mib"] = out["cuda_peak_mib"] - out["cuda_resident_mib"]
+    peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["rss_before_mib"] = (rss0 or 0) / 1024
+    out["peak_rss_mib"] = peak / 1024
+    out["peak_rss_above_build_mib"] = (peak - (rss0 or 0)) / 1024
+    out["rss_method"] = ("VmHWM after resetting it via /proc/self/clear_refs once the model was built"
+                         if reset else "ru_maxrss (peak since process start; reset unavailable)")
+    print(PROBE_MARK + json.dumps(out), flush=True)
+    return 0
+
+
+def memory_probe(side: str, cfg, device, threads: int, seed: int, steps: int, reference_path=None,
+                 timeout: float = 1800) -> dict:
+    """Peak memory of one side, measured in a fresh process that holds only that side.
+
+    Running each side alone is what makes the number attributable: in the timing process both
+    models (and the allocator's cache of both) are resident at once.
+    """
+    spec = {"side": side, "cfg": cfg.to_dict(), "device": str(device), "threads": threads, "seed": seed,
+            "steps": steps, "reference": reference_path}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = str(threads)
+    code = "import sys; from engine.bench import probe_main; sys.exit(probe_main(sys.argv[1]))"
+    try:
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory probe timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(PROBE_MARK):
+            return json.loads(line[len(PROBE_MARK):])
+    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"memory probe failed (exit {p.returncode}): {tail}"}
+
+
+def peak_mib(mem: dict, device) -> float | None:
+    if not mem or "error" in mem:
+        return None
+    return mem.get("cuda_peak_mib") if device.type == "cuda" else mem.get("peak_rss_above_build_mib")
+
+
+# ===================================================================== formatting helpers
+def md_table(headers, rows, align=None) -> str:
+    align = align or ["l"] + ["r"] * (len(headers) - 1)
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _f(v, fmt="{:.1f}", none="n/a"):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return none
+    return fmt.format(v)
+
+
+def _stats(ts: list[float]) -> dict:
+    if not ts:
+        return {}
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    return {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2], "min_s": min(ts), "max_s": max(ts),
+            "n": len(ts)}
+
+
+def _write(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _describe(cfg) -> str:
+    a = cfg.arch
+    return (f"{cfg.meta.model_name} (D={a['embed_dim']}, depth {a['depth']}, {a['num_heads']} heads)/"
+            f"{cfg.mask.patch_size} @ {cfg.data.crop_size} px, batch {cfg.data.batch_size}, predictor depth "
+            f"{cfg.meta.pred_depth} x width {cfg.meta.pred_emb_dim}, masks {cfg.mask.mode} "
+            f"({cfg.mask.num_enc_masks} context / {cfg.mask.num_pred_masks} target blocks), "
+            f"precision {cfg.precision}")
+
+
+# ===================================================================== bench e2e
+E2E_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "precision", "threads",
+            "batch_size", "seed", "mem_steps", "no_memory", "json", "markdown", "plot")
+
+
+def run_e2e(args) -> int:
+    if args.steps < 1 or args.warmup < 0:
+        raise BenchUsageError("--steps must be >= 1 and --warmup >= 0")
+    reference = None
+    if args.reference is not None:
+        from engine.refharness import load_reference
+        reference = load_reference(args.reference)   # bad path: one line, before any work
+    cfg = load_config(args, synthetic=True)
+    device = resolve_device(args.device)
+    threads = setup_threads(args, cfg)
+    if reference is not None:
+        from engine.refharness import check_buildable
+        check_buildable(cfg, reference)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # the reference's train.py turns it on
+    precision, batch, seed = cfg.precision, cfg.data.batch_size, args.seed
+    total = args.warmup + args.steps
+    meta = run_meta(device, threads, command_line("bench e2e", args, E2E_KEYS))
+
+    t0 = time.perf_counter()
+    masks = sample_masks(cfg, batch, total, seed)
+    mask_ms = 1000 * (time.perf_counter() - t0) / total
+    eng, ref = build_runners(cfg, device, precision, reference, seed)
+    runners = [eng] + ([ref] if ref else [])
+    times = {r.name: [] for r in runners}
+    losses = {r.name: [] for r in runners}
+    for i in range(total):
+        imgs = make_images(cfg, batch, i, seed, device)
+        me, mp = to_device(masks[i][0], device), to_device(masks[i][1], device)
+        # swap the order every step so neither side always runs on a cache warmed by the other
+        for r in (runners if i % 2 == 0 else runners[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            loss = r.step(imgs, me, mp)
+            sync(device)
+            times[r.name].append(time.perf_counter() - t)
+            losses[r.name].append(loss)
+        print(f"step {i + 1}/{total}" + ("" if i >= args.warmup else " (warm-up)") + ": "
+              + ", ".join(f"{n} {times[n][-1] * 1000:.0f} ms loss {losses[n][-1]:.6f}" for n in times),
+              file=sys.stderr, flush=True)
+    k_ctx = statistics.mean(m[0][0].shape[1] for m in masks)
+    k_pred = statistics.mean(m[1][0].shape[1] for m in masks)
+    del eng, ref, runners
+    gc.collect()
+
+    memory = {}
+    if not args.no_memory:
+        for side in ["engine"] + (["reference"] if reference else []):
+            print(f"memory probe: {side} ({args.warmup + args.mem_steps} steps in a fresh process)",
+                  file=sys.stderr, flush=True)
+            memory[side] = memory_probe(side, cfg, device, threads, seed, args.warmup + args.mem_steps,
+                                        reference.path if side == "reference" and reference else None)
+
+    report = summarise_e2e(cfg, meta, device, precision, times, losses, memory, args.warmup, k_ctx, k_pred,
+                           mask_ms, threads)
+    md = format_e2e(report)
+    print(md)
+    if args.json:
+        _write(args.json, json.dumps(report, indent=2))
+    if args.markdown:
+        _write(args.markdown, md + "\n")
+    if args.plot:
+        plot_e2e(report, args.plot)
+    if report["losses"].get("agree") is False:
+        print(f"ijepa: error: engine and reference losses differ by {report['losses']['max_rel_diff']:.2e} "
+              f"(> {report['losses']['rtol']:.0e}); the speed comparison is not valid", file=sys.stderr)
+        return 1
+    return 0
+
+
+def summarise_e2e(cfg, meta, device, precision, times, losses, memory, warmup, k_ctx, k_pred, mask_ms, threads):
+    from engine.flops import device_peak_tflops, flops_from_config, is_paper_vith14, mfu, paper_reference_figure
+    batch = cfg.data.batch_size
+    sf = flops_from_config(cfg, k_ctx=k_ctx, k_pred=k_pred)
+    peak = device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    sides = {}
+    for name, ts in times.items():
+        st = _stats(ts[warmup:])
+        ips = batch / st["median_s"]
+        sides[name] = {"step": st, "images_per_s": ips, "step_times_s": ts, "losses": losses[name],
+                       "memory": memory.get(name), "peak_memory_mib": peak_mib(memory.get(name), device),
+                       "achieved_tflops": sf.total * ips / 1e12, "mfu": mfu(sf.total, ips, peak)}
+    rep = {"meta": meta, "config": cfg.to_dict(), "description": _describe(cfg),
+           "settings": {"warmup": warmup, "timed_steps": len(next(iter(times.values()))) - warmup,
+                        "precision": precision, "batch_size": batch, "threads": threads,
+                        "images": "synthetic (standard normal), the same tensors for both sides",
+                        "order": "alternating, order swapped every step",
+                        "timed": "one optimizer step incl. the final float(loss); data and masks prepared "
+                                 "outside the timed region for both sides",
+                        "memory_method": ("CUDA max_memory_allocated in a process holding one side only"
+                                          if device.type == "cuda" else
+                                          "peak RSS above the post-build RSS in a process holding one side only "
+                                          "(VmHWM reset via /proc/self/clear_refs)")},
+           "mask_sampling_ms_per_batch": mask_ms, "tokens": {"K_ctx_mean": k_ctx, "K_pred_mean": k_pred},
+           "flops": sf.to_dict(), "peak_tflops": peak, "sides": sides, "ratio": {}, "losses": {}}
+    if "reference" in sides:
+        e, r = sides["engine"], sides["reference"]
+        rep["ratio"] = {"images_per_s": e["images_per_s"] / r["images_per_s"],
+                        "step_time": e["step"]["median_s"] / r["step"]["median_s"]}
+        if e["peak_memory_mib"] is not None and r["peak_memory_mib"]:
+            rep["ratio"]["peak_memory"] = e["peak_memory_mib"] / r["peak_memory_mib"]
+        rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(e["losses"], r["losses"])]
+        rtol = LOSS_RTOL.get(precision, 1e-4)
+        rep["losses"] = {"rel_diff": rel, "max_rel_diff": max(rel), "rtol": rtol, "agree": max(rel) <= rtol}
+    if is_paper_vith14(cfg):
+        rep["paper_reference"] = paper_reference_figure(sf.total)
+    return rep
+
+
+def format_e2e(rep: dict) -> str:
+    m, s = rep["meta"], rep["settings"]
+    sides = rep["sides"]
+    names = list(sides)
+    has_ref = "reference" in sides
+    lines = ["## ijepa bench e2e", ""]
+    lines += [f"- {x}" for x in meta_lines(m)]
+    lines += [f"- model: {rep['description']}",
+              f"- timed: {s['timed_steps']} steps after {s['warmup']} warm-up steps, {s['order']}; {s['timed']}",
+              f"- images: {s['images']}; mask tokens per block (mean): context "
+              f"{rep['tokens']['K_ctx_mean']:.1f}, target {rep['tokens']['K_pred_mean']:.1f}; engine mask sampling "
+              f"{rep['mask_sampling_ms_per_batch']:.1f} ms/batch (not in the step; the reference collates in workers)",
+              f"- peak memory: {s['memory_method']}", ""]
+    hdr = ["", *names] + (["engine / reference"] if has_ref else [])
+    ratio = rep.get("ratio", {})
+
+    def row(label, key, fmt, ratio_key=None, ratio_fmt="{:.2f}x"):
+        vals = [_f(key(sides[n]), fmt) for n in names]
+        if has_ref:
+            vals.append(_f(ratio.get(ratio_key), ratio_fmt, "") if ratio_key else "")
+        return [label, *vals]
+    mem_unit = "MiB, CUDA max allocated" if "cuda" in m["device"] else "MiB, RSS above post-build"
+    rows = [row("median step (ms)", lambda x: 1000 * x["step"]["median_s"], "{:.1f}", "step_time"),
+            row("step IQR (ms)", lambda x: f"{1000 * x['step']['q1_s']:.0f}-{1000 * x['step']['q3_s']:.0f}",
+                "{}"),
+            row("images/s", lambda x: x["images_per_s"], "{:.2f}", "images_per_s", "**{:.2f}x**"),
+            row(f"peak memory ({mem_unit})", lambda x: x["peak_memory_mib"], "{:.0f}", "peak_memory"),
+            row("model GFLOP/image", lambda x: rep["flops"]["per_image_flops"] / 1e9, "{:.2f}"),
+            row("achieved TFLOP/s (model FLOPs)", lambda x: x["achieved_tflops"], "{:.3f}"),
+            row("MFU", lambda x: None if x["mfu"] is None else 100 * x["mfu"],
+                "{:.1f} %") if rep.get("peak_tflops") else
+            ["MFU", *(["n/a (no peak for this device)"] * len(names))] + ([""] if has_ref else []),
+            row("loss first / last", lambda x: f"{x['losses'][0]:.6f} / {x['losses'][-1]:.6f}", "{}")]
+    lines.append(md_table(hdr, rows))
+    for n in names:
+        mem = sides[n].get("memory") or {}
+        if "error" in mem:
+            lines.append(f"\n{n} peak memory: {mem['error']}")
+    if has_ref:
+        L = rep["losses"]
+        verdict = "agree" if L["agree"] else "DISAGREE"
+        lines += ["", f"Losses {verdict}: max relative difference over all {len(L['rel_diff'])} steps "
+                      f"{L['max_rel_diff']:.2e} (tolerance {L['rtol']:.0e} for {s['precision']})."]
+    if rep.get("paper_reference"):
+        pr = rep["paper_reference"]
+        lines += ["", "Reference speed derived from the paper (ViT-H/14, 16 A100, < 72 h):"]
+        lines += [f"- {a}" for a in pr["arithmetic"]]
+        e = sides["engine"]
+        lines.append(f"- engine measured here: {e['images_per_s']:.1f} images/s on {m['device']}"
+                     + (f", {100 * e['mfu']:.1f} % MFU" if e["mfu"] is not None else ""))
+    lines += ["", "<details><summary>per step</summary>", ""]
+    hdr2 = ["step"] + [f"{n} loss" for n in names] + (["rel diff"] if has_ref else []) + [f"{n} ms" for n in names]
+    rows2 = []
+    for i in range(len(sides[names[0]]["losses"])):
+        r = [str(i) + (" (warm-up)" if i < s["warmup"] else "")]
+        r += [f"{sides[n]['losses'][i]:.6f}" for n in names]
+        if has_ref:
+            r.append(f"{rep['losses']['rel_diff'][i]:.1e}")
+        r += [f"{1000 * sides[n]['step_times_s'][i]:.0f}" for n in names]
+        rows2.append(r)
+    lines += [md_table(hdr2, rows2), "", "</details>"]
+    return "\n".join(lines)
+
+
+def plot_e2e(rep: dict, path: str) -> None:
+    from engine import pngplot
+    sides = rep["sides"]
+    names = list(sides)
+    bars = pngplot.bar_chart(names, [sides[n]["images_per_s"] for n in names],
+                             title=f"throughput ({rep['settings']['precision']}, batch {rep['settings']['batch_size']})",
+                             ylabel="images/s (median step)", size=(520, 400))
+    loss = pngplot.line_chart({n: sides[n]["losses"] for n in names}, title="loss per step",
+                              xlabel="step", ylabel="smooth-L1 loss", size=(620, 400))
+    steps = pngplot.line_chart({n: [1000 * t for t in sides[n]["step_times_s"]] for n in names},
+                               title="step time", xlabel="step", ylabel="ms", size=(1140, 300))
+    footer = meta_lines(rep["meta"]) + [rep["description"]]
+    if rep.get("ratio"):
+        footer.append(f"engine/reference images/s {rep['ratio']['images_per_s']:.2f}x; max loss rel diff "
+                      f"{rep['losses']['max_rel_diff']:.1e}")
+    img = pngplot.compose([pngplot.side_by_side([bars, loss]), steps], footer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+# ===================================================================== profile
+PHASE_ORDER = ("data", "mask_sampling", "schedules", "target_forward", "context_forward", "predictor", "loss",
+               "backward", "finite_check", "optimizer", "grad_logger", "zero_grad", "ema", "loss_read", "other")
+
+
+class PhaseTimer:
+    """Wall time per named phase of the current step, each inside a ``record_function`` range
+    (so the phases show up in the trace). On CUDA it synchronises at both ends of a phase:
+    that serialises the step a little but is the only way to attribute GPU time to a phase."""
+
+    def __init__(self, device):
+        self.device = device
+        self.current: dict = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        with torch.profiler.record_function(f"ijepa::{name}"):
+            sync(self.device)
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                sync(self.device)
+                self.current[name] += time.perf_counter() - t
+
+    def take(self) -> dict:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+def _infinite_batches(loader, device):
+    epoch = 0
+    while True:
+        for images, _ in loader.epoch_batches(epoch):
+            yield images.to(device)
+        epoch += 1
+
+
+class PhasedLoop:
+    """One runner's profiling loop: data, mask sampling and its step, each phase timed.
+
+    Reference-mode mask placement draws from the global RNG, so each loop keeps its own copy
+    of that RNG state: loops can then be interleaved step by step (fair under a noisy machine)
+    and still see exactly the same images and masks.
+    """
+
+    def __init__(self, runner, cfg, device, seed: int):
+        from engine.data import DataError, build_loader
+        from engine.masks import MultiBlockMaskSampler
+        try:
+            loader = build_loader(cfg, 0, 1, device)
+        except DataError as e:
+            raise BenchUsageError(f"{e} (or profile on synthetic images: --override data.dataset=synthetic)") from None
+        self.runner, self.device = runner, device
+        self.sampler = MultiBlockMaskSampler.from_config(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.rng = torch.get_rng_state()
+        self.batches = _infinite_batches(loader, device)
+        self.timer = PhaseTimer(device)
+        self.step_fn = runner.step_phased if hasattr(runner, "step_phased") else runner.step
+        self.records, self.losses = [], []
+
+    def one_step(self, record: bool = True):
+        device, timer = self.device, self.timer
+        sync(device)
+        t = time.perf_counter()
+        with timer("data"):
+            images = next(self.batches)
+        with timer("mask_sampling"):
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.rng)
+            try:
+                me, mp = self.sampler(len(images))
+            finally:
+                self.rng = torch.get_rng_state()
+                torch.set_rng_state(outer)
+            me, mp = to_device(me, device), to_device(mp, device)
+        loss = self.step_fn(images, me, mp, timer)
+        sync(device)
+        ph = timer.take()
+        ph["other"] = max(0.0, time.perf_counter() - t - sum(ph.values()))
+        if record:
+            self.records.append(ph)
+            self.losses.append(loss)
+        return ph
+
+    def summary(self) -> dict:
+        records = self.records
+        names = [p for p in PHASE_ORDER if any(p in r for r in records)]
+        med = {p: statistics.median(r.get(p, 0.0) for r in records) for p in names}
+        total = sum(med.values())
+        phases = [{"phase": p, "median_ms": 1000 * med[p], "percent": 100 * med[p] / total} for p in names]
+        return {"phases": phases, "median_step_ms": 1000 * statistics.median(sum(r.values()) for r in records),
+                "sum_of_phase_medians_ms": 1000 * total, "losses": self.losses, "steps": len(records),
+                "top_ops": []}
+
+    def trace(self, steps: int, path: str) -> list[dict]:
+        """``steps`` more steps under torch.profiler; Chrome trace to ``path``; top operators."""
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(steps):
+                self.one_step(record=False)
+                prof.step()
+        prof.export_chrome_trace(path)
+        return top_ops(prof, self.device, steps)
+
+
+def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        if e.key.startswith("ijepa::") or e.key.startswith("ProfilerStep"):
+            continue
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0.0)
+        rows.append({"op": e.key, "calls_per_step": e.count / steps,
+                     "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                     "self_device_ms_per_step": (dev or 0.0) / 1000 / steps})
+    key = "self_device_ms_per_step" if device.type == "cuda" else "self_cpu_ms_per_step"
+    rows.sort(key=lambda r: -r[key])
+    tot = sum(r[key] for r in rows) or 1.0
+    for r in rows:
+        r["percent_of_op_time"] = 100 * r[key] / tot
+    return rows[:limit]
+
+
+PROFILE_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "trace_steps", "precision",
+                "threads", "batch_size", "seed", "trace", "json", "markdown")
+
+
+def run_profile(args) -> int:
+    if args.steps < 1 or args.warmup < 0 or args.trace_steps < 0:
+        raise BenchUsageError("--steps must be >= 1, --warmup and --trace-steps >= 0")
+    reference = None
+    if args.reference is not None:
+        from engine.refharness import load_reference
+        reference = load_reference(args.reference)
+    cfg = load_config(args, synthetic=False)
+    device = resolve_device(args.device)
+    threads = setup_threads(args, cfg)
+    if reference is not None:
+        from engine.refharness import check_buildable
+        check_buildable(cfg, reference)
+    meta = run_meta(device, threads, command_line("profile", args, PROFILE_KEYS))
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # kineto's start/stop chatter on stderr
+    eng, ref = build_runners(cfg, device, cfg.precision, reference, args.seed)
+    loops = [PhasedLoop(r, cfg, device, args.seed) for r in [eng] + ([ref] if ref else [])]
+    for i in range(args.warmup + args.steps):
+        timed = i >= args.warmup
+        for lp in (loops if i % 2 == 0 else loops[::-1]):   # interleaved, order swapped every step
+            ph = lp.one_step(record=timed)
+            print(f"{lp.runner.name} step {i + 1}/{args.warmup + args.steps}"
+                  f"{'' if timed else ' (warm-up)'}: {1000 * sum(ph.values()):.0f} ms", file=sys.stderr, flush=True)
+    results = {}
+    for lp in loops:
+        results[lp.runner.name] = lp.summary()
+        if args.trace and args.trace_steps > 0:
+            trace = args.trace
+            if lp.runner.name != "engine":
+                base, ext = os.path.splitext(trace)
+                trace = f"{base}.{lp.runner.name}{ext or '.json'}"
+            os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+            results[lp.runner.name]["top_ops"] = lp.trace(args.trace_steps, trace)
+            results[lp.runner.name]["trace"] = trace
+    rep = {"meta": meta, "config": cfg.to_dict(), "description": _describe(cfg),
+           "settings": {"steps": args.steps, "warmup": args.warmup, "trace_steps": args.trace_steps,
+                        "phase_timing": "wall clock per phase (perf_counter; CUDA synchronised at phase ends), "
+                                        "median over the unprofiled steps; % of the sum of the medians"},
+           "sides": results}
+    md = format_profile(rep)
+    print(md)
+    if args.json:
+        _write(args.json, json.dumps(rep, indent=2))
+    if args.markdown:
+        _write(args.markdown, md + "\n")
+    return 0
+
+
+def format_profile(rep: dict) -> str:
+    sides = rep["sides"]
+    names = list(sides)
+    lines = ["## ijepa profile", ""] + [f"- {x}" for x in meta_lines(rep["meta"])]
+    lines += [f"- model: {rep['description']}",
+              f"- {rep['settings']['steps']} steps after {rep['settings']['warmup']} warm-up"
+              f"{', engine and reference interleaved (order swapped every step)' if len(names) > 1 else ''}; "
+              f"{rep['settings']['phase_timing']}", ""]
+    allp = [p for p in PHASE_ORDER if any(p in {x["phase"] for x in sides[n]["phases"]} for n in names)]
+    hdr = ["phase"]
+    for n in names:
+        hdr += [f"{n} ms", f"{n} %"]
+    rows = []
+    for p in allp:
+        r = [p]
+        for n in names:
+            ph = {x["phase"]: x for x in sides[n]["phases"]}.get(p)
+            r += [f"{ph['median_ms']:.1f}", f"{ph['percent']:.1f}"] if ph else ["-", "-"]
+        rows.append(r)
+    tot = ["**total**"]
+    for n in names:
+        tot += [f"**{sides[n]['sum_of_phase_medians_ms']:.1f}**",
+                f"{sum(x['percent'] for x in sides[n]['phases']):.1f}"]
+    rows.append(tot)
+    lines.append(md_table(hdr, rows))
+    lines.append("")
+    lines.append("median step (wall, ms): " + ", ".join(f"{n} {sides[n]['median_step_ms']:.1f}" for n in names))
+    for n in names:
+        ops = sides[n].get("top_ops") or []
+        if not ops:
+            continue
+        key = "self_device_ms_per_step" if "cuda" in rep["meta"]["device"] else "self_cpu_ms_per_step"
+        lines += ["", f"### {n}: top operators (self time per step, profiled steps; trace {sides[n]['trace']})", ""]
+        lines.append(md_table(["operator", "calls/step", "self ms/step", "% of op time"],
+                              [[o["op"], f"{o['calls_per_step']:.0f}", f"{o[key]:.2f}",
+                                f"{o['percent_of_op_time']:.1f}"] for o in ops]))
+    return "\n".join(lines)
+
+
+# ===================================================================== bench kernels
+# Which provider is "the PyTorch baseline" in a group of rows, in order of preference: the
+# reference-equivalent path first (gather "ref", attention "naive", EMA "loop").
+BASELINE_NAMES = ("ref", "reference", "naive", "loop", "torch", "pytorch", "eager", "baseline", "torch_ref", "math")
+_ROW_KEYS = ("results", "rows", "speed", "cases", "benchmarks", "entries")
+_NAME_KEYS = ("case", "name", "shape", "config", "label")
+_IMPL_KEYS = ("provider", "impl", "backend", "kernel", "variant", "method")
+_BASE_MS_KEYS = ("baseline_ms", "torch_ms", "pytorch_ms", "ref_ms", "reference_ms", "naive_ms", "eager_ms")
+_MS_KEYS = ("ms", "time_ms", "kernel_ms", "triton_ms", "impl_ms", "median_ms")
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _baseline_of(providers) -> str | None:
+    low = {str(p).lower(): p for p in providers}
+    return next((low[b] for b in BASELINE_NAMES if b in low), None)
+
+
+def kernel_json_device(data) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    for d in (data, data.get("environment"), data.get("env")):
+        if isinstance(d, dict) and d.get("device"):
+            return str(d["device"])
+    return None
+
+
+def normalise_kernel_json(data, script: str) -> list[dict]:
+    """Rows ``{script, case, impl, baseline, ms, baseline_ms, speedup}`` from a benchmark's JSON.
+
+    Layouts understood:
+    * long (what benchmarks/_common.py writes): ``{"rows" | "speed": [{"case"?, "provider" |
+      "backend", "ms" | "<metric>_ms", ...}]}``, one row per provider; rows are grouped by case
+      (``case``, else their integer/string fields) and every ``*_ms`` metric is compared with
+      the group's baseline provider (``BASELINE_NAMES``);
+    * wide: rows carrying ``speedup`` and/or ``baseline_ms`` + ``ms``, or ``times_ms: {impl: ms}``.
+    Rows with an ``error`` are skipped.
+    """
+    if isinstance(data, dict):
+        rows = next((data[k] for k in _ROW_KEYS if isinstance(data.get(k), list)), None)
+        if rows is None and any(k in data for k in ("speedup", "times_ms")):
+            rows = [data]
+    elif isinstance(data, list):
+        rows = data
+    else:
+        rows = None
+    if rows is None:
+        raise ValueError("no list of results found (expected 'rows', 'results' or 'speed')")
+    rows = [r for r in rows if isinstance(r, dict) and "error" not in r]
+    wide = any(("speedup" in r) or ("times_ms" in r) or any(k in r for k in _BASE_MS_KEYS) for r in rows)
+    out = _wide_rows(rows, script) if wide else _long_rows(rows, script)
+    if not out:
+        raise ValueError("the results list holds no usable rows")
+    return out
+
+
+def _wide_rows(rows, script):
+    out = []
+    for i, r in enumerate(rows):
+        case = next((str(r[k]) for k in _NAME_KEYS if k in r), f"case {i}")
+        times = r.get("times_ms")
+        if isinstance(times, dict) and times:
+            base = _baseline_of(times)
+            for impl, ms in times.items():
+                if impl == base:
+                    continue
+                sp = (times[base] / ms) if base is not None and ms else None
+                out.append({"script": script, "case": case, "impl": str(impl), "baseline": base, "ms": ms,
+                            "baseline_ms": times.get(base), "speedup": sp})
+            continue
+        impl = next((str(r[k]) for k in _IMPL_KEYS if k in r), "kernel")
+        ms = next((r[k] for k in _MS_KEYS if _num(r.get(k))), None)
+        base_ms = next((r[k] for k in _BASE_MS_KEYS if _num(r.get(k))), None)
+        sp = r.get("speedup")
+        if not _num(sp):
+            sp = (base_ms / ms) if (base_ms and ms) else None
+        out.append({"script": script, "case": case, "impl": impl, "baseline": r.get("baseline", "torch"),
+                    "ms": ms, "baseline_ms": base_ms, "speedup": sp})
+    return out
+
+
+def _long_rows(rows, script):
+    pkey = next((k for k in _IMPL_KEYS if any(k in r for r in rows)), None)
+    if pkey is None:
+        return []
+    metrics = sorted({k for r in rows for k, v in r.items() if _num(v) and (k == "ms" or k.endswith("_ms"))},
+                     key=lambda k: (k != "ms", k))
+
+    def case_of(r):
+        if "case" in r:
+            return str(r["case"])
+        return ", ".join(f"{k}={v}" for k, v in r.items()
+                         if k != pkey and (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(case_of(r), []).append(r)
+    out = []
+    for case, grp in groups.items():
+        base = _baseline_of([r.get(pkey) for r in grp])
+        base_row = next((r for r in grp if r.get(pkey) == base), None)
+        for metric in metrics:
+            label = case if metric == "ms" else f"{case} [{metric[:-3]}]"
+            bms = base_row.get(metric) if base_row else None
+            for r in grp:
+                ms = r.get(metric)
+                if r is base_row or not _num(ms):
+                    continue
+                out.append({"script": script, "case": label, "impl": str(r.get(pkey)), "baseline": base,
+                            "ms": ms, "baseline_ms": bms, "speedup": (bms / ms) if _num(bms) and ms else None})
+    return out
+
+
+def run_kernels(args) -> int:
+    bench_dir = os.path.abspath(args.bench_dir or os.path.join(ROOT, "benchmarks"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    meta = run_meta(torch.device(device), torch.get_num_threads(),
+                    command_line("bench kernels", args, ("bench_dir", "timeout", "json", "markdown", "png")))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # kernel timings under the Triton interpreter would measure the interpreter
+    env["TRITON_INTERPRET"] = "0"
+    scripts, rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in KERNEL_SCRIPTS:
+            path = os.path.join(bench_dir, name)
+            entry = {"script": name}
+            if not os.path.isfile(path):
+                entry["status"] = "not present"
+                scripts.append(entry)
+                continue
+            out = os.path.join(tmp, name + ".json")
+            t = time.perf_counter()
+            try:
+                p = subprocess.run([sys.executable, path, "--json", out], capture_output=True, text=True,
+                                   cwd=ROOT, env=env, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                entry["status"] = f"timed out after {args.timeout} s"
+                scripts.append(entry)
+                continue
+            entry["seconds"] = time.perf_counter() - t
+            if p.returncode != 0:
+                tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                entry["status"] = f"failed (exit {p.returncode}): {tail}"
+            elif not os.path.isfile(out):
+                entry["status"] = "ran but wrote no JSON"
+            else:
+                try:
+                    with open(out) as f:
+                        data = json.load(f)
+                    got = normalise_kernel_json(data, name)
+                    if kernel_json_device(data):
+                        entry["device"] = kernel_json_device(data)
+                    entry["status"] = "ok"
+                    entry["rows"] = len(got)
+                    rows += got
+                except (ValueError, json.JSONDecodeError) as e:
+                    entry["status"] = f"unreadable JSON: {e}"
+            scripts.append(entry)
+    rep = {"meta": meta, "device": device, "bench_dir": bench_dir, "scripts": scripts, "results": rows}
+    md = format_kernels(rep)
+    print(md)
+    if args.json:
+        _write(args.json, json.dumps(rep, indent=2))
+    if args.markdown:
+        _write(args.markdown, md + "\n")
+    if args.png:
+        plot_kernels(rep, args.png)
+    return 0
+
+
+def format_kernels(rep: dict) -> str:
+    lines = ["## ijepa bench kernels", ""] + [f"- {x}" for x in meta_lines(rep["meta"])]
+    if rep["device"] == "cpu":
+        lines.append("- no GPU here: this is a CPU run; only what runs on a CPU is reported, and CPU "
+                     "speedups say nothing about GPU kernels")
+    lines += ["", md_table(["script", "status", "device"],
+                           [[s["script"], s["status"], s.get("device", "")] for s in rep["scripts"]],
+                           ["l", "l", "l"]), ""]
+    if rep["results"]:
+        lines.append(md_table(["script", "case", "impl", "ms", "baseline", "baseline ms", "speedup"],
+                              [[r["script"], r["case"], r["impl"], _f(r["ms"], "{:.3f}"), r["baseline"] or "",
+                                _f(r["baseline_ms"], "{:.3f}"), _f(r["speedup"], "{:.2f}x")]
+                               for r in rep["results"]], ["l", "l", "l", "r", "l", "r", "r"]))
+    else:
+        lines.append("no kernel results")
+    return "\n".join(lines)
+
+
+def plot_kernels(rep: dict, path: str) -> None:
+    from engine import pngplot
+    rows = [r for r in rep["results"] if isinstance(r.get("speedup"), (int, float))]
+    labels = [f"{r['script'].replace('bench_', '').replace('.py', '')}: {r['case']}: {r['impl']} vs {r['baseline']}"
+              for r in rows]
+    scripts = sorted({r["script"] for r in rows})
+    colors = [pngplot.PALETTE[scripts.index(r["script"]) % len(pngplot.PALETTE)] for r in rows]
+    chart = pngplot.hbar_chart(labels or ["(no results)"], [r["speedup"] for r in rows] or [0.0],
+                               title=f"speedup vs the PyTorch baseline ({rep['device']}; dashed: 1x)",
+                               xlabel="speedup (x)", ref_line=1.0, colors=colors or None, width=1100)
+    notes = [f"{s['script']}: {s['status']}" for s in rep["scripts"]]
+    img = pngplot.compose([chart], meta_lines(rep["meta"]) + notes)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
+# ===================================================================== bench flops
+def run_flops(args) -> int:
+    from engine.flops import (device_peak_tflops, flops_from_config, format_table, is_paper_vith14, mfu,
+                              paper_reference_figure)
+    cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
+    if args.batch_size is not None:
+        cfg.data.batch_size = args.batch_size
+    cfg.arch   # unknown model name -> ConfigError, one line
+    try:
+        sf = flops_from_config(cfg, args.k_ctx, args.k_pred)
+    except Exception as e:   # e.g. a mask config that cannot be sampled
+        raise BenchUsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
+    peak = args.peak_tflops or device_peak_tflops(args.gpu)
+    meta = run_meta(torch.device("cpu"), torch.get_num_threads(),
+                    command_line("bench flops", args, ("config", "override", "batch_size", "k_ctx", "k_pred",
+                                                       "images_per_s", "gpu", "peak_tflops", "json")))
+    meta["device"] = "analytic (no device used)"
+    print(f"## FLOP model: {_describe(cfg)}\n")
+    print("\n".join(f"- {x}" for x in meta_lines(meta)) + "\n")
+    print(format_table(sf))
+    if args.images_per_s:
+        achieved = sf.total * args.images_per_s / 1e12
+        u = mfu(sf.total, args.images_per_s, peak)
+        print(f"\nmeasured {args.images_per_s:.2f} images/s -> {achieved:.3f} TFLOP/s"
+              + (f" = {100 * u:.1f} % MFU of {peak:.0f} TFLOP/s" if u is not None else
+                 " (MFU needs --gpu NAME or --peak-tflops)"))
+    if is_paper_vith14(cfg):
+        pr = paper_reference_figure(sf.total)
+        print("\nreference, derived from the paper:")
+        for a in pr["arithmetic"]:
+            print(f"- {a}")
+    if args.json:
+        out = sf.to_dict()
+        out["meta"] = meta
+        out["peak_tflops"] = peak
+        if is_paper_vith14(cfg):
+            out["paper_reference"] = paper_reference_figure(sf.total)
+        _write(args.json, json.dumps(out, indent=2))
+    return 0
+
+
+# ===================================================================== CLI
+def _common(p, steps_default):
+    p.add_argument("--config", required=True, help="YAML config (engine or reference layout)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one config value, e.g. data.batch_size=32 (repeatable)")
+    p.add_argument("--reference", default=None, metavar="PATH",
+                   help="a checkout of facebookresearch/ijepa to compare against (imported at run time)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when visible")
+    p.add_argument("--steps", type=int, default=steps_default, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: from the config")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads or torch's)")
+    p.add_argument("--batch-size", type=int, default=None, help="override data.batch_size")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, images and masks")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--markdown", default=None, metavar="OUT", help="write the markdown report to a file too")
+
+
+def add_parser(sub):
+    b = sub.add_parser("bench", help="benchmarks: engine vs reference end to end, kernels, FLOP model",
+                       description="Benchmarks. Outputs name the device, CPU, threads, torch, commit, date and "
+                                   "the command.")
+    bs = b.add_subparsers(dest="bench_command", metavar="ACTION")
+    e = bs.add_parser("e2e", help="engine training step vs the reference's, same model/batch/masks/weights")
+    _common(e, 20)
+    e.add_argument("--mem-steps", type=int, default=3,
+                   help="steps (after the warm-up) run by each side's memory probe process")
+    e.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    e.add_argument("--plot", default=None, metavar="PNG", help="throughput bars + loss curves")
+    e.set_defaults(func=run_e2e)
+    k = bs.add_parser("kernels", help="run benchmarks/bench_*.py and tabulate speedups vs PyTorch")
+    k.add_argument("--bench-dir", default=None, help="folder holding the scripts (default: benchmarks/)")
+    k.add_argument("--timeout", type=int, default=1800, help="seconds per script")
+    k.add_argument("--json", default=None, metavar="OUT")
+    k.add_argument("--markdown", default=None, metavar="OUT")
+    k.add_argument("--png", default=None, metavar="OUT", help="bar chart of speedups")
+    k.set_defaults(func=run_kernels)
+    f = bs.add_parser("flops", help="analytic FLOPs per image and phase, MFU, the paper's derived figure")
+    f.add_argument("--config", required=True)
+    f.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--batch-size", type=int, default=None, help="batch size for sampling token counts")
+    f.add_argument("--k-ctx", type=float, default=None, help="context tokens per block (default: sampled)")
+    f.add_argument("--k-pred", type=float, default=None, help="target tokens per block (default: sampled)")
+    f.add_argument("--images-per-s", type=float, default=None, help="a measured throughput to convert")
+    f.add_argument("--gpu", default=None, help="GPU name for the peak (A100, H100 SXM, H200)")
+    f.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s (overrides --gpu)")
+    f.add_argument("--json", default=None, metavar="OUT")
+    f.set_defaults(func=run_flops)
+    b.set_defaults(func=lambda a: (b.print_help(), 2)[1])
+
+    p = sub.add_parser("profile", help="engine step split into phases + torch.profiler trace and top operators",
+                       description="Profile training steps: per-phase wall time (data, masks, target forward, "
+                                   "context forward, predictor, backward, optimizer, EMA, ...), a Chrome/Perfetto "
+                                   "trace and the top operators. With --reference the reference is profiled too.")
+    _common(p, 10)
+    p.add_argument("--trace", default=None, metavar="OUT.json", help="Chrome/Perfetto trace of the profiled steps")
+    p.add_argument("--trace-steps", type=int, default=2, help="steps run under torch.profiler (with --trace)")
+    p.set_defaults(func=run_profile)
