@@ -184,8 +184,13 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
         log.info("resumed from %s at step %d (epoch %d, batch %d)", p["latest"], step, epoch + 1, batch_in_epoch)
 
     from kernels.attention import attention_backend
-    log.info("device %s, precision %s, attention backend %s, %d steps/epoch, %d epochs",
-             device, precision, attention_backend(device, cfg.kernels.attention), ipe, cfg.optimization.epochs)
+    a = cfg.arch
+    compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    log.info("device %s, precision %s, attention backend %s (encoder) / %s (predictor), %d steps/epoch, %d epochs",
+             device, precision,
+             attention_backend(device, cfg.kernels.attention, a["embed_dim"] // a["num_heads"], compute_dtype),
+             attention_backend(device, cfg.kernels.attention, cfg.meta.pred_emb_dim // a["pred_num_heads"],
+                               compute_dtype), ipe, cfg.optimization.epochs)
 
     with open(os.path.join(folder, "params-ijepa.yaml"), "w") as f:
         import yaml

@@ -114,12 +114,16 @@ def test_compiled_blocks_match_eager():
             assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("kernel_set", [{"gather": "triton", "ema": "triton"}])
+@pytest.mark.parametrize("kernel_set", [{"gather": "triton", "ema": "triton"},
+                                        {"gather": "triton", "ema": "triton", "attention": "triton"}])
 def test_training_step_with_triton_kernels_matches_torch_path(kernel_set):
     """The Triton kernels (under the interpreter on CPU) inside a real training step: same loss,
     gradients and EMA'd target as the PyTorch path (fp32, 1e-5)."""
-    base = {"kernels": {"attention": "sdpa", "gather": "torch", "ema": "torch"}}
-    tri = {"kernels": {"attention": "sdpa", **kernel_set}}
+    # head dim 32 in encoder and predictor: a size the Triton attention ships
+    arch = {"model": {"embed_dim": 64, "depth": 2, "num_heads": 2, "pred_num_heads": 1},
+            "meta": {"model_name": "vit_tiny", "pred_depth": 2, "pred_emb_dim": 32}}
+    base = {**arch, "kernels": {"attention": "sdpa", "gather": "torch", "ema": "torch"}}
+    tri = {**arch, "kernels": {"attention": "sdpa", **kernel_set}}
     torch.manual_seed(0)
     s = MultiBlockMaskSampler.from_config(cfg_with(base, "fp32"))
     me, mp = s(2)
