@@ -85,6 +85,9 @@ class MaskConfig:
     # loop: the per-sample sampler (bit-exact to the reference in reference mode);
     # vectorized: whole batch in tensor ops (same distribution, for GPUs / large batches)
     sampler: str = "loop"
+    # paper mode only: keep every mask whole (no truncation to the batch minimum) and run the
+    # context encoder and predictor on packed variable-length sequences (no padding)
+    packed: bool = False
 
 
 @dataclass
@@ -260,6 +263,9 @@ class IJEPAConfig:
         _choice("data.loader", d.loader, ("torch", "dali", "auto"))
         _choice("mask.mode", m.mode, ("reference", "paper"))
         _choice("mask.sampler", m.sampler, ("loop", "vectorized"))
+        if m.packed and m.mode != "paper":
+            raise ConfigError("mask.packed: needs mask.mode=paper (reference mode keeps the reference's "
+                              "truncation to the batch minimum, for parity)")
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if t.precision is not None:

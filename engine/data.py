@@ -313,10 +313,11 @@ class BatchPrefetcher:
     prefetching. ``depth=0`` produces inline, on demand.
     """
 
-    def __init__(self, loader, sampler, device, depth: int = 2):
+    def __init__(self, loader, sampler, device, depth: int = 2, ragged: bool = False):
         import queue
         import threading
         self.loader, self.sampler, self.device, self.depth = loader, sampler, device, depth
+        self.ragged = ragged   # whole masks per sample (packed training) instead of [B, K] tensors
         self._queue_mod, self._threading = queue, threading
         self._thread = None
         self._gen = None
@@ -324,6 +325,9 @@ class BatchPrefetcher:
     def _produce(self, batches):
         snap = (torch.get_rng_state(), self.sampler.state_dict())
         images, labels = next(batches)
+        if self.ragged:   # index tables are built on the host and moved once per batch
+            masks_enc, masks_pred = self.sampler.sample_ragged(len(images))
+            return snap, images, masks_enc, masks_pred
         masks_enc, masks_pred = self.sampler(len(images))
         return snap, images, [m.to(self.device, non_blocking=True) for m in masks_enc], \
             [m.to(self.device, non_blocking=True) for m in masks_pred]

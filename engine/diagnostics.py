@@ -41,9 +41,9 @@ def collapse_stats(features: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def step_stats(z: torch.Tensor, h: torch.Tensor) -> dict:
-    """From one step's predictions ``z`` and targets ``h`` ([rows, K, D]): stats of the
-    token-pooled targets and the predictor's output std."""
-    t = collapse_stats(h.float().mean(1))
+    """From one step's predictions ``z`` and targets ``h`` ([rows, K, D], or packed [T, D]
+    tokens): stats of the token-pooled (packed: per-token) targets and the predictor's std."""
+    t = collapse_stats(h.float().mean(1) if h.dim() == 3 else h.float())
     return {"target_std": t["feature_std"], "target_erank": t["effective_rank"],
             "pred_std": z.float().std(0).mean()}
 

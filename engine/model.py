@@ -82,9 +82,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = backend
 
-    def forward(self, x, keep_from: int | None = None):
+    def forward(self, x, keep_from: int | None = None, packed=None):
         """``keep_from``: only rows ``keep_from:`` are wanted downstream, so the output projection
-        runs on those rows only (every row still serves as key/value)."""
+        runs on those rows only (every row still serves as key/value).
+        ``packed=(cu_seqlens, max_seqlen)``: ``x`` is ``[T, C]``, sequences back to back, each token
+        attending only within its own sequence (no padding, no truncation)."""
+        if packed is not None:
+            T, C = x.shape
+            q, k, v = (t.contiguous() for t in self.qkv(x).reshape(T, 3, self.num_heads, C // self.num_heads).unbind(1))
+            x = katt.attention(q, k, v, cu_seqlens=packed[0], max_seqlen=packed[1], backend=self.backend,
+                               scale=self.scale)
+            return self.proj(x.reshape(T, C))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -107,15 +115,16 @@ class Block(nn.Module):
 
     checkpointed = False   # recompute activations in backward (saves memory, costs a forward)
 
-    def forward(self, x, keep_from: int | None = None):
+    def forward(self, x, keep_from: int | None = None, packed=None):
         """``keep_from``: return only rows ``keep_from:``; the rows before it still serve as
-        keys/values but their own query, projection and MLP are never computed."""
+        keys/values but their own query, projection and MLP are never computed.
+        ``packed``: see ``Attention.forward``."""
         if self.checkpointed and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, use_reentrant=False)
-        return self._forward(x, keep_from)
+            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, packed, use_reentrant=False)
+        return self._forward(x, keep_from, packed)
 
-    def _forward(self, x, keep_from: int | None = None):
-        y = self.attn(self.norm1(x), keep_from)
+    def _forward(self, x, keep_from: int | None = None, packed=None):
+        y = self.attn(self.norm1(x), keep_from, packed)
         x = (x if keep_from is None else x[:, keep_from:]) + y
         return x + self.mlp(self.norm2(x))
 
@@ -224,6 +233,14 @@ class VisionTransformer(nn.Module):
             x = blk(x)
         return self.norm(x)
 
+    def forward_packed(self, x, batch_idx, token_idx, packed):
+        """Context tokens of ragged masks, packed: rows ``(batch_idx[t], token_idx[t])`` of the
+        patch grid, sequences delimited by ``packed=(cu_seqlens, max_seqlen)`` -> ``[T, D]``."""
+        x = self.patch_embed(x)[batch_idx, token_idx] + self.pos_embed[0, token_idx]
+        for blk in self.blocks:
+            x = blk(x, packed=packed)
+        return self.norm(x)
+
 
 class VisionTransformerPredictor(nn.Module):
     """Narrow ViT that predicts target-block representations from context tokens."""
@@ -269,6 +286,86 @@ class VisionTransformerPredictor(nn.Module):
             x = x[:, n_ctx:]
         x = self.predictor_norm(x)
         return self.predictor_proj(x)
+
+    def forward_packed(self, z, layout):
+        """Predictions for ragged masks. ``z``: packed context-encoder output; ``layout``: a
+        ``PackedLayout``. One sequence per (target i, context j, sample b): that sample's context
+        tokens then its target-block queries, packed without padding -> ``[T_pred, D]`` in
+        (i, j, b, token) order, like the reference's flattened ``[npred*nenc*B, K, D]``."""
+        pos = self.predictor_pos_embed[0]
+        x = self.predictor_embed(z) + pos[layout.ctx_tokens]
+        queries = self.mask_token[0] + pos[layout.pred_tokens]
+        x = torch.cat([x, queries], 0)[layout.seq_rows]
+        for blk in self.predictor_blocks:
+            x = blk(x, packed=layout.pred_packed)
+        x = self.predictor_norm(x[layout.query_rows])
+        return self.predictor_proj(x)
+
+
+class PackedLayout:
+    """Index tables that pack ragged I-JEPA masks into variable-length sequences.
+
+    ``masks_enc[b][j]`` / ``masks_pred[b][i]``: 1-D token indices of context block j / target
+    block i of sample b (what ``MultiBlockMaskSampler.sample_ragged`` returns: no truncation to
+    the batch minimum, so no context token is dropped and no padding is computed).
+    """
+
+    def __init__(self, masks_enc, masks_pred, device):
+        B, nenc, npred = len(masks_enc), len(masks_enc[0]), len(masks_pred[0])
+        lens_c = [[len(masks_enc[b][j]) for b in range(B)] for j in range(nenc)]
+        lens_p = [[len(masks_pred[b][i]) for b in range(B)] for i in range(npred)]
+        cat = lambda ts: torch.cat([t.to(device=device, dtype=torch.long) for t in ts])  # noqa: E731
+        # context tokens, ordered (j, b): the encoder sees one sequence per (context block, sample)
+        self.ctx_tokens = cat([masks_enc[b][j] for j in range(nenc) for b in range(B)])
+        self.ctx_batch = torch.cat([torch.full((lens_c[j][b],), b, dtype=torch.long)
+                                    for j in range(nenc) for b in range(B)]).to(device)
+        self.enc_packed = _cu([lens_c[j][b] for j in range(nenc) for b in range(B)], device)
+        # target queries, ordered (i, b)
+        self.pred_tokens = cat([masks_pred[b][i] for i in range(npred) for b in range(B)])
+        self.pred_batch = torch.cat([torch.full((lens_p[i][b],), b, dtype=torch.long)
+                                     for i in range(npred) for b in range(B)]).to(device)
+        ctx_start = _starts([lens_c[j][b] for j in range(nenc) for b in range(B)])
+        q_start = _starts([lens_p[i][b] for i in range(npred) for b in range(B)])
+        n_ctx = sum(sum(l) for l in lens_c)
+        rows, qrows, seq_lens, pos = [], [], [], 0
+        for i in range(npred):            # predictor sequences, ordered (i, j, b)
+            for j in range(nenc):
+                for b in range(B):
+                    lc, lp = lens_c[j][b], lens_p[i][b]
+                    cs, qs = ctx_start[j * B + b], n_ctx + q_start[i * B + b]
+                    rows += [torch.arange(cs, cs + lc), torch.arange(qs, qs + lp)]
+                    qrows.append(torch.arange(pos + lc, pos + lc + lp))
+                    seq_lens.append(lc + lp)
+                    pos += lc + lp
+        self.seq_rows = torch.cat(rows).to(device)
+        self.query_rows = torch.cat(qrows).to(device)
+        self.pred_packed = _cu(seq_lens, device)
+        # targets in prediction order (i, j, b, token): rows of the [B, N] target map
+        self.target_batch = torch.cat([self.pred_batch[q_start[i * B + b]: q_start[i * B + b] + lens_p[i][b]]
+                                       for i in range(npred) for j in range(nenc) for b in range(B)])
+        self.target_tokens = torch.cat([self.pred_tokens[q_start[i * B + b]: q_start[i * B + b] + lens_p[i][b]]
+                                        for i in range(npred) for j in range(nenc) for b in range(B)])
+        self.mean_ctx = n_ctx / (B * nenc)
+        self.mean_pred = sum(sum(l) for l in lens_p) / (B * npred)
+
+
+def _starts(lens):
+    out, acc = [], 0
+    for n in lens:
+        out.append(acc)
+        acc += n
+    return out
+
+
+def _cu(lens, device):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+    return cu.to(device), max(lens)
+
+
+def is_ragged(masks) -> bool:
+    """Per-sample lists of per-block index tensors (``sample_ragged``), not ``[B, K]`` tensors."""
+    return isinstance(masks, (list, tuple)) and len(masks) > 0 and isinstance(masks[0], (list, tuple))
 
 
 # ----------------------------------------------------------------- the whole model
@@ -335,8 +432,22 @@ class IJEPA(nn.Module):
         z = self.encoder(images, masks_enc)
         return self.predictor(z, masks_enc, masks_pred)
 
+    def forward_packed(self, images, masks_enc, masks_pred):
+        """(loss, z, h) for ragged masks (``sample_ragged``): context and predictor sequences packed
+        without truncation or padding; z and h are ``[T, D]`` in (target, context, sample, token)
+        order. On equal-length masks this is the padded computation, token for token."""
+        lay = PackedLayout(masks_enc, masks_pred, images.device)
+        with torch.no_grad():
+            h = self.target_encoder(images)
+            h = F.layer_norm(h, (h.size(-1),), eps=1e-5)[lay.target_batch, lay.target_tokens]
+        z = self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed)
+        z = self.predictor.forward_packed(z, lay)
+        return F.smooth_l1_loss(z, h), z, h
+
     def forward_parts(self, images, masks_enc, masks_pred):
         """(loss, predictions z, targets h) for diagnostics."""
+        if is_ragged(masks_enc):
+            return self.forward_packed(images, masks_enc, masks_pred)
         masks_enc, masks_pred = _as_list(masks_enc), _as_list(masks_pred)
         h = self.targets(images, masks_enc, masks_pred)
         z = self.predict(images, masks_enc, masks_pred)

@@ -27,7 +27,7 @@ from engine.config import ConfigError, IJEPAConfig
 from engine.diagnostics import step_stats, warnings_for
 from engine.data import BatchPrefetcher, DataError, build_loader
 from engine.masks import MultiBlockMaskSampler, VectorizedMaskSampler
-from engine.model import build_model
+from engine.model import build_model, is_ragged
 from engine.schedules import Schedules, apply_lr_wd
 
 log = logging.getLogger("ijepa")
@@ -104,6 +104,15 @@ def train_step(model, optimizer, micro_batches, *, lr, wd, momentum, precision, 
     optimizer.zero_grad(set_to_none=True)
     model.update_target(momentum)
     return total, found_inf
+
+
+def mask_lengths(masks_enc, masks_pred):
+    """(context, target) tokens per block: the reference's mask-A / mask-B columns; the mean
+    length for ragged (packed) masks."""
+    if is_ragged(masks_enc):
+        mean = lambda per_sample: sum(len(m) for ms in per_sample for m in ms) / sum(len(ms) for ms in per_sample)  # noqa: E731
+        return mean(masks_enc), mean(masks_pred)
+    return masks_enc[0].shape[1], masks_pred[0].shape[1]
 
 
 class _StopFlag:
@@ -211,7 +220,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
     diagnostics, collapse_warnings = [], []
     t_start = time.time()
 
-    prefetch = BatchPrefetcher(loader, sampler, device, depth=cfg.data.prefetch)
+    prefetch = BatchPrefetcher(loader, sampler, device, depth=cfg.data.prefetch, ragged=cfg.mask.packed)
 
     def save(kind):
         flush()
@@ -248,7 +257,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                 for msg in warnings_for(dg):
                     collapse_warnings.append((st, msg))
                     log.warning("step %d: %s", st + 1, msg)
-            writer.writerow([ep + 1, itr, f"{lv:.5f}", ka, kb, int(dt * 1000), f"{nimg / dt:.1f}",
+            writer.writerow([ep + 1, itr, f"{lv:.5f}", f"{ka:g}", f"{kb:g}", int(dt * 1000), f"{nimg / dt:.1f}",
                              f"{sched.lr(st):.3e}", f"{sched.wd(st):.3e}", skipped_total]
                             + [f"{dg[k]:.4g}" if k in dg else "" for k in DIAG_KEYS])
             if tb is not None:
@@ -281,7 +290,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
                     csv_file.close()
                     raise
                 window.append((epoch, batch_in_epoch // accum, step, loss, skipped,
-                               micro[0][1][0].shape[1], micro[0][2][0].shape[1], accum * len(micro[0][0]), diag))
+                               *mask_lengths(micro[0][1], micro[0][2]), accum * len(micro[0][0]), diag))
                 step += 1
                 batch_in_epoch += accum
                 if step % cfg.logging.log_every == 0 or step == max_steps:
