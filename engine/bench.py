@@ -557,21 +557,21 @@ def format_e2e(rep: dict) -> str:
 
 
 def plot_e2e(rep: dict, path: str) -> None:
-    from engine import pngplot
+    from engine import plots
     sides = rep["sides"]
     names = list(sides)
-    bars = pngplot.bar_chart(names, [sides[n]["images_per_s"] for n in names],
+    bars = plots.bar_chart(names, [sides[n]["images_per_s"] for n in names],
                              title=f"throughput ({rep['settings']['precision']}, batch {rep['settings']['batch_size']})",
                              ylabel="images/s (median step)", size=(520, 400))
-    loss = pngplot.line_chart({n: sides[n]["losses"] for n in names}, title="loss per step",
+    loss = plots.line_chart({n: sides[n]["losses"] for n in names}, title="loss per step",
                               xlabel="step", ylabel="smooth-L1 loss", size=(620, 400))
-    steps = pngplot.line_chart({n: [1000 * t for t in sides[n]["step_times_s"]] for n in names},
+    steps = plots.line_chart({n: [1000 * t for t in sides[n]["step_times_s"]] for n in names},
                                title="step time", xlabel="step", ylabel="ms", size=(1140, 300))
     footer = meta_lines(rep["meta"]) + [rep["description"]]
     if rep.get("ratio"):
         footer.append(f"engine/reference images/s {rep['ratio']['images_per_s']:.2f}x; max loss rel diff "
                       f"{rep['losses']['max_rel_diff']:.1e}")
-    img = pngplot.compose([pngplot.side_by_side([bars, loss]), steps], footer)
+    img = plots.compose([plots.side_by_side([bars, loss]), steps], footer)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 
@@ -987,17 +987,17 @@ def format_kernels(rep: dict) -> str:
 
 
 def plot_kernels(rep: dict, path: str) -> None:
-    from engine import pngplot
+    from engine import plots
     rows = [r for r in rep["results"] if isinstance(r.get("speedup"), (int, float))]
     labels = [f"{r['script'].replace('bench_', '').replace('.py', '')}: {r['case']}: {r['impl']} vs {r['baseline']}"
               for r in rows]
     scripts = sorted({r["script"] for r in rows})
-    colors = [pngplot.PALETTE[scripts.index(r["script"]) % len(pngplot.PALETTE)] for r in rows]
-    chart = pngplot.hbar_chart(labels or ["(no results)"], [r["speedup"] for r in rows] or [0.0],
+    colors = [plots.PALETTE[scripts.index(r["script"]) % len(plots.PALETTE)] for r in rows]
+    chart = plots.hbar_chart(labels or ["(no results)"], [r["speedup"] for r in rows] or [0.0],
                                title=f"speedup vs the PyTorch baseline ({rep['device']}; dashed: 1x)",
                                xlabel="speedup (x)", ref_line=1.0, colors=colors or None, width=1100)
     notes = [f"{s['script']}: {s['status']}" for s in rep["scripts"]]
-    img = pngplot.compose([chart], meta_lines(rep["meta"]) + notes)
+    img = plots.compose([chart], meta_lines(rep["meta"]) + notes)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 

@@ -391,10 +391,10 @@ def test_cuda_without_gpu_is_one_line(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--device cpu" in p.stderr
 
 
-def test_pngplot_primitives(tmp_path):
-    from engine import pngplot
-    assert pngplot.nice_ticks(0, 9.3) == [0, 2, 4, 6, 8, 10]
-    im = pngplot.compose([pngplot.bar_chart(["a", "b"], [1.0, 2.5], title="t", ref_line=1.0)],
+def test_chart_primitives(tmp_path):
+    from engine import plots
+    assert plots.nice_ticks(0, 9.3) == [0, 2, 4, 6, 8, 10]
+    im = plots.compose([plots.bar_chart(["a", "b"], [1.0, 2.5], title="t", ref_line=1.0)],
                          ["a footer line " * 20])
     assert im.size[0] == 720 and im.size[1] > 420
 
