@@ -114,3 +114,21 @@ def pick_device(requested: str) -> torch.device:
 
 def triton_runnable(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def add_common_args(parser) -> None:
+    """The options every kernel benchmark takes."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=7, help="CPU timing repetitions")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier CPU timings)")
+    parser.add_argument("--json", metavar="OUT")
+
+
+def setup(args):
+    """Apply the common options and print the environment: (device, environment info, Triton runs)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    info = environment(device)
+    print_environment(info)
+    return device, info, triton_runnable(device)

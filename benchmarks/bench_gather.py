@@ -108,18 +108,10 @@ def providers(kind, x, pos, h, idx, masks, use_triton):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, help="batch size (default 128 on CUDA, 16 on CPU)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=7, help="CPU timing repetitions")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier CPU timings)")
-    parser.add_argument("--json", metavar="OUT")
+    C.add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = C.pick_device(args.device)
+    device, info, use_triton = C.setup(args)
     B = args.batch or (128 if device.type == "cuda" else 16)
-    info = C.environment(device)
-    C.print_environment(info)
-    use_triton = C.triton_runnable(device)
     copy_gbs = C.copy_bandwidth_gbs(device, repeats=args.repeats)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s; batch {B}\n")
 
