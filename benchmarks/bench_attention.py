@@ -8,9 +8,11 @@ shapes (N = 69 context, 113 predictor, 196 / 256 encoder, 1024 long) and head di
 (predictor), 64 (ViT-B/L), 80 (ViT-H/14).
 * CUDA: bf16, timed with ``triton.testing.do_bench`` (median ms); backends triton, sdpa,
   xformers, naive.
-* CPU: only sdpa and naive run (xformers has no CPU kernel; the Triton kernels only run in the
-  interpreter, which measures Python, not the kernel), fp32, timed with a wall clock (median
-  of --reps runs after one warm-up). These numbers describe PyTorch's CPU kernels, nothing else.
+* CPU: sdpa, chunked and naive run (xformers has no CPU kernel; the Triton kernels only run in
+  the interpreter, which measures Python, not the kernel), fp32 or ``--dtype bf16`` (bf16 inputs
+  under ``torch.autocast``, as a bf16 training step runs them: naive's softmax is then fp32, as
+  in the reference), timed with a wall clock (median of --reps runs after one warm-up).
+  These numbers describe PyTorch's CPU kernels, nothing else.
 FLOP count (nominal, the same for every backend): forward = 4*B*H*N^2*d (QK^T and PV, 2 FLOP
 per multiply-add); forward+backward = 3.5 x forward (backward = 2.5 x forward: it recomputes
 QK^T and runs dV, dP, dQ, dK). Naive attention stores P instead of recomputing it, so it does
@@ -89,6 +91,7 @@ def _time(fn, device, reps) -> float:
 
 def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> list[dict]:
     rows = []
+    cpu_autocast = device.type == "cpu" and dtype == torch.bfloat16
     for d in head_dims:
         H = HEADS[d]
         for N in seqlens:
@@ -102,11 +105,12 @@ def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> li
                     katt.attention_backend(device, be, head_dim=d, dtype=dtype)
 
                     def fwd():
-                        with torch.no_grad():
+                        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast):
                             katt.attention(q, k, v, backend=be)
 
                     def fwd_bwd():
-                        o = katt.attention(q, k, v, backend=be)
+                        with torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast):
+                            o = katt.attention(q, k, v, backend=be)
                         torch.autograd.grad(o, (q, k, v), do)
                     fwd()
                     fwd_bwd()
@@ -243,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None,
                    help="B = tokens // N (default: 16384 on CUDA, 1024 on CPU)")
     p.add_argument("--reps", type=int, default=7, help="CPU timing repetitions")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="CPU dtype (CUDA: always bf16)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (default 1: steadier medians on a shared machine)")
     p.add_argument("--mem-batch", type=int, default=8)
@@ -266,16 +271,18 @@ def main(argv=None) -> int:
         dtype, backends, tokens = torch.bfloat16, ["triton", "sdpa", "xformers", "naive"], a.tokens or 16384
         speed_on and print("# speed: CUDA, bf16, triton.testing.do_bench (median ms)")
     else:
-        dtype, backends, tokens = torch.float32, ["sdpa", "naive"], a.tokens or 1024
-        speed_on and print("# speed: CPU ONLY (no GPU here), fp32, wall clock median of "
-              f"{a.reps} runs; sdpa = PyTorch's CPU flash kernel, naive = materialised softmax(QK^T)V. "
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        backends, tokens = ["sdpa", "chunked", "naive"], a.tokens or 1024
+        speed_on and print(f"# speed: CPU ONLY (no GPU here), {a.dtype}{' under autocast' if a.dtype == 'bf16' else ''}, "
+              f"wall clock median of {a.reps} runs; sdpa = PyTorch's CPU flash kernel, chunked = this "
+              "project's CPU path, naive = materialised softmax(QK^T)V. "
               "triton/xformers do not run on CPU (interpreter timing would be meaningless)")
     speed_on and print("# FLOPs: fwd = 4*B*H*N^2*d, fwd+bwd = 3.5 * fwd (nominal, same for every backend)")
     speed = memory = []
     if "speed" in a.parts:
         speed = bench_speed(device, dtype, backends, a.seqlens, a.head_dims, tokens, a.reps)
     if "memory" in a.parts:
-        mem_backends = backends if cuda else ["naive", "sdpa"]
+        mem_backends = backends if cuda else ["naive", "sdpa", "chunked"]
         if not cuda and os.environ.get("TRITON_INTERPRET") == "1":
             # Saved-for-backward bytes do not depend on where the kernel runs, so the
             # interpreter gives the Triton backend's true activation memory (not its speed).

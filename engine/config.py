@@ -131,8 +131,19 @@ class ModelConfig:
 
 
 @dataclass
+class LossConfig:
+    """How targets are formed (engine addition; the reference is ``target_norm: layer``)."""
+    # layer:  LayerNorm of each target token (reference)
+    # center: first subtract the batch mean at each token position, then LayerNorm. Removes the
+    #         part of the target that depends on position only, which small grids can predict
+    #         without looking at the image (see benchmarks/RESULTS.md, demo ablation)
+    # batch:  standardise each position and channel over the batch, then LayerNorm
+    target_norm: str = "layer"
+
+
+@dataclass
 class KernelsConfig:
-    attention: str = "auto"   # auto | triton | xformers | sdpa | naive
+    attention: str = "auto"   # auto | triton | xformers | sdpa | chunked | naive
     gather: str = "auto"      # auto | triton | torch
     ema: str = "auto"         # auto | triton | torch (foreach lerp) | naive (the reference loop)
 
@@ -168,6 +179,7 @@ class IJEPAConfig:
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -270,9 +282,10 @@ class IJEPAConfig:
         _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if t.precision is not None:
             _choice("train.precision", t.precision, ("fp32", "bf16"))
-        _choice("kernels.attention", self.kernels.attention, ("auto", "triton", "xformers", "sdpa", "naive"))
+        _choice("kernels.attention", self.kernels.attention, ("auto", "triton", "xformers", "sdpa", "chunked", "naive"))
         _choice("kernels.gather", self.kernels.gather, ("auto", "triton", "torch"))
         _choice("kernels.ema", self.kernels.ema, ("auto", "triton", "torch", "naive"))
+        _choice("loss.target_norm", self.loss.target_norm, ("layer", "center", "batch"))
         _positive("data.batch_size", d.batch_size)
         _positive("data.crop_size", d.crop_size)
         _positive("mask.patch_size", m.patch_size)

@@ -368,12 +368,13 @@ class Student(nn.Module):
         return F.smooth_l1_loss(z, h)
 
 
-def _targets_from(target: nn.Module, images, masks_enc, masks_pred, gather_backend):
+def _targets_from(target: nn.Module, images, masks_enc, masks_pred, gather_backend, target_norm="layer"):
     """``IJEPA.targets`` with an explicit target module: full-image forward, LayerNorm without
-    affine, target blocks, repeated per context block."""
+    affine, target blocks, repeated per context block. ``target_norm`` center/batch use this
+    rank's batch."""
     import kernels.gather as kgather
-    from engine.model import repeat_interleave_batch
-    h = target(images)
+    from engine.model import normalise_over_batch, repeat_interleave_batch
+    h = normalise_over_batch(target(images), target_norm)
     h = kgather.gather_layernorm(h, list(masks_pred), eps=1e-5, backend=gather_backend)
     return repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
 
@@ -396,11 +397,13 @@ class _Target:
         self.module = module
         self.ema_backend = ema_backend
         self.gather_backend = gather_backend
+        self.target_norm = "layer"   # loss.target_norm, set by the engine
         self.shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def targets(self, images, masks_enc, masks_pred):
-        return _targets_from(self.module, images, masks_enc, masks_pred, self.gather_backend)
+        return _targets_from(self.module, images, masks_enc, masks_pred, self.gather_backend,
+                             self.target_norm)
 
     def _ema(self, targets, sources, m, lowp=None):
         import kernels.ema as kema
@@ -805,6 +808,7 @@ class ZeroTrainer:
                 srcs = [frozen_fp32[n] if n in frozen_fp32 else encp[n] for n in names]
             self.target = ReplicatedTarget(fp32_target, lambda s=srcs: s, lowp, dstate.rank,
                                            self.ema_backend, self.gather_backend)
+        self.target.target_norm = cfg.loss.target_norm
         del init_fp32
 
     @staticmethod

@@ -423,7 +423,7 @@ class IJEPA(nn.Module):
     # -------------------------------------------------------------- forward
     @torch.no_grad()
     def targets(self, images, masks_enc, masks_pred):
-        h = self.target_encoder(images)
+        h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm)
         # LayerNorm without affine (eps 1e-5) of the already-normed output, then the target blocks
         h = kgather.gather_layernorm(h, list(masks_pred), eps=1e-5, backend=self.encoder.gather_backend)
         return repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
@@ -438,7 +438,7 @@ class IJEPA(nn.Module):
         order. On equal-length masks this is the padded computation, token for token."""
         lay = PackedLayout(masks_enc, masks_pred, images.device)
         with torch.no_grad():
-            h = self.target_encoder(images)
+            h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm)
             h = F.layer_norm(h, (h.size(-1),), eps=1e-5)[lay.target_batch, lay.target_tokens]
         z = self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed)
         z = self.predictor.forward_packed(z, lay)
@@ -505,6 +505,19 @@ class IJEPA(nn.Module):
         for name in ("encoder", "predictor", "target_encoder"):
             sd = ckpt.get(name, ckpt["encoder"] if name == "target_encoder" else None)
             getattr(self, name).load_state_dict(strip_module_prefix(sd), strict=strict)
+
+
+def normalise_over_batch(h: torch.Tensor, mode: str) -> torch.Tensor:
+    """``loss.target_norm``: for ``center`` / ``batch``, statistics over the batch at each token
+    position (fp32), applied to target features ``[B, N, D]`` before the per-token LayerNorm.
+    ``layer`` (the reference) returns ``h`` untouched."""
+    if mode == "layer":
+        return h
+    hf = h.float()
+    hf = hf - hf.mean(0, keepdim=True)
+    if mode == "batch":
+        hf = hf * torch.rsqrt(hf.pow(2).mean(0, keepdim=True) + 1e-5)
+    return hf.to(h.dtype)
 
 
 def strip_module_prefix(sd: dict) -> dict:

@@ -17,10 +17,17 @@ Backends (resolved by the project's single rule, ``kernels.dispatch.select``):
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` (``BlockDiagonalMask`` when packed).
   CUDA only.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (jagged nested tensors when packed).
+* ``chunked``: exact attention in plain PyTorch for the CPU: one batched GEMM per chunk of
+  (batch x head) slices, the scale folded into q (an N x d multiply instead of N x N), softmax in
+  fp32, and only the per-row log-sum-exp saved; the backward recomputes each chunk's
+  probabilities. No N x N buffer outlives its chunk (chunks hold at most ``CHUNK_BYTES`` of fp32
+  scores). It exists because on CPUs PyTorch's SDPA kernel in bf16 runs far below the bf16 GEMM
+  rate (benchmarks/RESULTS.md).
 * ``naive``: the reference's math, ``softmax(q @ k^T * scale) @ v`` with the score matrix
   materialised. For tests and baselines only.
 * ``auto``: ``IJEPA_ATTENTION_BACKEND`` if set; else on CUDA ``triton`` when the head dim is
-  supported, then ``xformers``, then ``sdpa``; on CPU ``sdpa``.
+  supported, then ``xformers``, then ``sdpa``; on CPU ``chunked`` for dense bf16 / fp16 inputs
+  and ``sdpa`` otherwise (fp32, packed).
 
 Explicitly requested backends that cannot run raise ``BackendUnavailable``; nothing falls back
 silently.
@@ -40,6 +47,7 @@ working on Triton 3.9 where ``tl.make_block_ptr`` is gone):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -51,10 +59,10 @@ import triton.language as tl
 
 from kernels.dispatch import BackendUnavailable, select
 
-__all__ = ["attention", "attention_backend", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
+__all__ = ["attention", "attention_backend", "attention_chunked", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
            "BackendUnavailable"]
 
-_ALLOWED = ("triton", "xformers", "sdpa", "naive")
+_ALLOWED = ("triton", "xformers", "sdpa", "chunked", "naive")
 
 # Under the interpreter a bf16 tl.dot multiplies the raw uint16 bit patterns (garbage), so
 # operands are upcast there. The flag is a constexpr: on GPU the branch compiles away.
@@ -488,6 +496,77 @@ def attention_naive(q, k, v, scale=None, cu_seqlens=None):
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
+CHUNK_BYTES = 32 << 20   # fp32 scores of one chunk; 48 slices of 196 x 196 (ViT-B/16 at B=4) fit once
+
+
+def _chunks(slices: int, n_q: int, n_k: int):
+    per = max(1, CHUNK_BYTES // max(1, n_q * n_k * 4))
+    return [(a, min(slices, a + per)) for a in range(0, slices, per)]
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Dense ``[..., N, d]`` attention over chunks of the flattened leading dims; see the module
+    docstring. GEMMs run in the input dtype (bf16 GEMMs are ~5x the fp32 rate on AVX-512-BF16
+    CPUs); softmax and its statistics in fp32 (fp64 stays fp64), with the dtype conversions
+    fused into the softmax kernels as autocast does for the reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, save):
+        shape = q.shape
+        q3, k3, v3 = (x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1]) for x in (q, k, v))
+        qs = q3 * scale
+        acc = torch.promote_types(q.dtype, torch.float32)
+        slices, n = q3.shape[0], q3.shape[1]
+        chunks = _chunks(slices, n, n)
+        out = torch.empty_like(q3) if len(chunks) > 1 else None
+        lse = torch.empty(slices, n, dtype=acc, device=q.device) if save else None
+        for a, b in chunks:
+            s = torch.bmm(qs[a:b], k3[a:b].transpose(1, 2))
+            p = torch.softmax(s, -1, dtype=acc)
+            if save:   # log-sum-exp from the row maximum: lse = max(s) - log(max(p))
+                torch.sub(s.amax(-1), p.amax(-1).log_(), out=lse[a:b])
+            o = torch.bmm(p.to(q.dtype), v3[a:b])
+            if out is None:
+                out = o
+            else:
+                out[a:b] = o
+        if save:
+            ctx.save_for_backward(qs, k3, v3, lse)
+        ctx.scale, ctx.shape = scale, shape
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        qs, k3, v3, lse = ctx.saved_tensors
+        do3 = do.reshape(qs.shape).to(qs.dtype)
+        acc = lse.dtype
+        chunks = _chunks(qs.shape[0], qs.shape[1], qs.shape[1])
+        grads = [[], [], []]
+        for a, b in chunks:
+            s = torch.bmm(qs[a:b], k3[a:b].transpose(1, 2))
+            p = torch.sub(s, lse[a:b].unsqueeze(-1)).exp_()          # fp32 (type promotion)
+            grads[2].append(torch.bmm(p.to(qs.dtype).transpose(1, 2), do3[a:b]))
+            dp = torch.bmm(do3[a:b], v3[a:b].transpose(1, 2)).to(acc)
+            ds = torch._softmax_backward_data(dp, p, -1, acc).to(qs.dtype)   # p * (dp - rowsum(p*dp))
+            grads[0].append(torch.bmm(ds, k3[a:b]).mul_(ctx.scale))
+            grads[1].append(torch.bmm(ds.transpose(1, 2), qs[a:b]))
+        dq, dk, dv = (g[0] if len(g) == 1 else torch.cat(g) for g in grads)
+        return dq.view(ctx.shape), dk.view(ctx.shape), dv.view(ctx.shape), None, None
+
+
+def attention_chunked(q, k, v, scale=None, cu_seqlens=None):
+    """The ``chunked`` backend (dense; packed sequences one at a time)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # a custom Function's forward always runs without grad mode: decide here what to save
+    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if cu_seqlens is None:
+        return _ChunkedAttention.apply(q, k, v, scale, save)
+    bounds = cu_seqlens.tolist()
+    outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return torch.cat(outs, 0) if outs else torch.empty_like(q)
+
+
 def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen):
     if cu_seqlens is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -534,12 +613,17 @@ def triton_supports(head_dim: Optional[int], dtype: Optional[torch.dtype] = None
 
 
 def attention_backend(device, backend: str = "auto", head_dim: Optional[int] = None,
-                      dtype: Optional[torch.dtype] = None) -> str:
+                      dtype: Optional[torch.dtype] = None, packed: bool = False) -> str:
     """The backend ``attention`` runs for this device / request (for logging), or raises
     ``BackendUnavailable``. Without ``head_dim`` / ``dtype`` those Triton checks are skipped."""
     device = torch.device(device)
     reason = triton_supports(head_dim, dtype, device)
-    pref = ("triton", "xformers", "sdpa") if reason is None else ("xformers", "sdpa")
+    if device.type == "cpu":
+        # measured on CPU (benchmarks/RESULTS.md): SDPA is the fastest fp32 path, but its bf16
+        # kernel runs far below the bf16 GEMM rate, which the chunked path uses
+        pref = ("chunked",) if dtype in (torch.bfloat16, torch.float16) and not packed else ("sdpa",)
+    else:
+        pref = ("triton", "xformers", "sdpa") if reason is None else ("xformers", "sdpa")
     chosen = select("attention", backend, device, pref, _ALLOWED)
     if chosen == "triton" and reason is not None:
         raise BackendUnavailable(f"attention: backend 'triton' cannot run here: {reason}")
@@ -581,7 +665,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Opt
     """
     _check_inputs(q, k, v, cu_seqlens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    b = attention_backend(q.device, backend, head_dim=q.shape[-1], dtype=q.dtype)
+    b = attention_backend(q.device, backend, head_dim=q.shape[-1], dtype=q.dtype, packed=cu_seqlens is not None)
     if cu_seqlens is not None:
         if cu_seqlens.dtype != torch.int32:
             cu_seqlens = cu_seqlens.to(torch.int32)
@@ -595,6 +679,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Opt
         return _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen)
     if b == "xformers":
         return _attention_xformers(q, k, v, scale, cu_seqlens)
+    if b == "chunked":
+        return attention_chunked(q, k, v, scale, cu_seqlens)
     return attention_naive(q, k, v, scale, cu_seqlens)
 
 

@@ -47,7 +47,7 @@ def xformers_available() -> bool:
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on ``device``, else a one-line reason with the fix."""
-    if backend in ("torch", "naive", "sdpa"):
+    if backend in ("torch", "naive", "sdpa", "chunked"):
         return None
     if backend == "triton":
         if not triton_installed():

@@ -122,7 +122,7 @@ def test_triton_packed_matches_fp64_reference(dtype, d):
                  f"packed {lens} {dtype} d={d}")
 
 
-@pytest.mark.parametrize("backend", ["triton", "sdpa", "naive"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "chunked", "naive"])
 def test_packed_equals_each_sequence_alone(backend, small_tiles):
     """Block-diagonal semantics: a packed batch gives exactly what each sequence gives alone
     (forward and gradients), including an empty sequence and one of length 1."""
@@ -150,6 +150,41 @@ def test_sdpa_and_naive_agree_dense(dtype):
     _compare_all(lambda q, k, v: A.attention(q, k, v, backend="sdpa"),
                  lambda q, k, v: A.attention_naive(q, k, v), q, k, v, do, dtype, f"sdpa dense {dtype}")
     assert A.attention_backend("cpu") == "sdpa"
+
+
+# ----------------------------------------------------------------------------- chunked (CPU)
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.float32, (2, 3, 69, 64)), (torch.bfloat16, (2, 3, 69, 64)), (torch.float16, (1, 2, 37, 32)),
+    (torch.bfloat16, (3, 1, 1, 16)), (torch.float32, (4, 5, 2, 8))], ids=str)
+def test_chunked_matches_fp64_reference(dtype, shape):
+    q, k, v, do = _inputs(shape, dtype, seed=3)
+    _compare_all(lambda q, k, v: A.attention(q, k, v, backend="chunked"),
+                 lambda q, k, v: A.attention_naive(q, k, v), q, k, v, do, dtype, f"chunked {dtype} {shape}")
+
+
+def test_chunked_is_exact_in_fp64_across_chunk_boundaries(monkeypatch):
+    # chunks smaller than one slice's scores: every (batch, head) slice is its own chunk
+    monkeypatch.setattr(A, "CHUNK_BYTES", 1)
+    q, k, v, do = _inputs((3, 2, 21, 16), torch.float64, seed=4)
+    o, g = _run(lambda q, k, v: A.attention(q, k, v, backend="chunked", scale=0.37), q, k, v, do)
+    o_r, g_r = _run(lambda q, k, v: A.attention_naive(q, k, v, scale=0.37), q, k, v, do)
+    torch.testing.assert_close(o, o_r, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_chunked_saves_no_score_matrix():
+    """What autograd keeps for backward is O(N d) per slice (q, k, v, log-sum-exp), never N x N."""
+    N, d = 300, 16
+    q, k, v = (torch.randn(1, 2, N, d, requires_grad=True) for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        A.attention(q, k, v, backend="chunked")
+    assert saved and max(saved) <= 2 * N * d, saved
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        A.attention_naive(q, k, v)
+    assert max(saved) >= 2 * N * N    # the reference keeps the probabilities
 
 
 def test_sdpa_packed_matches_padded_dense():
@@ -250,7 +285,9 @@ def test_unsupported_head_dim_and_dtype_are_explicit():
     assert A.attention_backend("cuda", "auto", head_dim=80, dtype=torch.bfloat16) == "triton"
     assert A.attention_backend("cuda", "auto", head_dim=48, dtype=torch.bfloat16) in ("xformers", "sdpa")
     assert A.attention_backend("cuda", "auto", head_dim=64, dtype=torch.float32) in ("xformers", "sdpa")
-    assert A.attention_backend("cpu", "auto", head_dim=80, dtype=torch.bfloat16) == "sdpa"
+    assert A.attention_backend("cpu", "auto", head_dim=80, dtype=torch.bfloat16) == "chunked"
+    assert A.attention_backend("cpu", "auto", head_dim=64, dtype=torch.float32) == "sdpa"
+    assert A.attention_backend("cpu", "auto", head_dim=64, dtype=torch.bfloat16, packed=True) == "sdpa"
     with pytest.raises(BackendUnavailable, match="unknown backend"):
         A.attention_backend("cpu", "flash")
 

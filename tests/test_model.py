@@ -97,7 +97,7 @@ def test_forward_backward_shapes_and_backends_agree(precision):
     me, mp = s(3)
     x = torch.randn(3, 3, 32, 32)
     losses = {}
-    for be in ("naive", "sdpa"):
+    for be in ("naive", "sdpa", "chunked"):
         m.set_backends(attention=be)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, z, h = m.forward_parts(x, me, mp)
@@ -105,6 +105,7 @@ def test_forward_backward_shapes_and_backends_agree(precision):
         losses[be] = loss.float().item()
     tol = 1e-6 if precision == "fp32" else 2e-2
     assert losses["naive"] == pytest.approx(losses["sdpa"], rel=tol)
+    assert losses["naive"] == pytest.approx(losses["chunked"], rel=tol)
 
 
 def test_update_target_moves_toward_encoder():

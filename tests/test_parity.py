@@ -126,7 +126,7 @@ def _step_masks(i):
     return call["masks_enc"], call["masks_pred"]
 
 
-@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+@pytest.mark.parametrize("attention", ["naive", "sdpa", "chunked"])
 def test_forward_outputs_and_gradients(attention):
     m = _loaded_model(attention=attention)
     s0 = fx()["steps"]["step0"]
