@@ -199,7 +199,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, rank: int = 0, world_size: int
              device, precision,
              attention_backend(device, cfg.kernels.attention, a["embed_dim"] // a["num_heads"], compute_dtype),
              attention_backend(device, cfg.kernels.attention, cfg.meta.pred_emb_dim // a["pred_num_heads"],
-                               compute_dtype), ipe, cfg.optimization.epochs)
+                               compute_dtype, packed=cfg.mask.packed), ipe, cfg.optimization.epochs)
 
     with open(os.path.join(folder, "params-ijepa.yaml"), "w") as f:
         import yaml

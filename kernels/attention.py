@@ -496,7 +496,7 @@ def attention_naive(q, k, v, scale=None, cu_seqlens=None):
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
-CHUNK_BYTES = 32 << 20   # fp32 scores of one chunk; 48 slices of 196 x 196 (ViT-B/16 at B=4) fit once
+CHUNK_BYTES = 32 << 20   # fp32 scores per chunk: 218 slices of 196 x 196 (ViT-B/16, 12 heads, batch 18)
 
 
 def _chunks(slices: int, n_q: int, n_k: int):
@@ -560,10 +560,12 @@ def attention_chunked(q, k, v, scale=None, cu_seqlens=None):
     # a custom Function's forward always runs without grad mode: decide here what to save
     save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if cu_seqlens is None:
-        return _ChunkedAttention.apply(q, k, v, scale, save)
+        with torch.autocast(q.device.type, enabled=False):   # dtypes are chosen inside; no autocast casts
+            return _ChunkedAttention.apply(q, k, v, scale, save)
     bounds = cu_seqlens.tolist()
-    outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with torch.autocast(q.device.type, enabled=False):
+        outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
