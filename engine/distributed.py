@@ -370,11 +370,11 @@ class Student(nn.Module):
 
 def _targets_from(target: nn.Module, images, masks_enc, masks_pred, gather_backend, target_norm="layer"):
     """``IJEPA.targets`` with an explicit target module: full-image forward, LayerNorm without
-    affine, target blocks, repeated per context block. ``target_norm`` center/batch use this
-    rank's batch."""
+    affine, target blocks, repeated per context block. ``target_norm`` center/batch use the
+    statistics of the global batch (all ranks)."""
     import kernels.gather as kgather
     from engine.model import normalise_over_batch, repeat_interleave_batch
-    h = normalise_over_batch(target(images), target_norm)
+    h = normalise_over_batch(target(images), target_norm, across_ranks=True)
     h = kgather.gather_layernorm(h, list(masks_pred), eps=1e-5, backend=gather_backend)
     return repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
 

@@ -507,16 +507,28 @@ class IJEPA(nn.Module):
             getattr(self, name).load_state_dict(strip_module_prefix(sd), strict=strict)
 
 
-def normalise_over_batch(h: torch.Tensor, mode: str) -> torch.Tensor:
+def normalise_over_batch(h: torch.Tensor, mode: str, across_ranks: bool = False) -> torch.Tensor:
     """``loss.target_norm``: for ``center`` / ``batch``, statistics over the batch at each token
     position (fp32), applied to target features ``[B, N, D]`` before the per-token LayerNorm.
-    ``layer`` (the reference) returns ``h`` untouched."""
+    ``layer`` (the reference) returns ``h`` untouched. ``across_ranks``: the statistics are those of
+    the global batch (summed over the default process group, equal batch per rank), so a run gives
+    the same targets whatever its number of ranks."""
     if mode == "layer":
         return h
     hf = h.float()
-    hf = hf - hf.mean(0, keepdim=True)
+    n = hf.shape[0]
+
+    def batch_mean(x):
+        x, count = x.sum(0, keepdim=True), n
+        if across_ranks:
+            import torch.distributed as dist
+            dist.all_reduce(x)
+            count = n * dist.get_world_size()
+        return x / count
+
+    hf = hf - batch_mean(hf)
     if mode == "batch":
-        hf = hf * torch.rsqrt(hf.pow(2).mean(0, keepdim=True) + 1e-5)
+        hf = hf * torch.rsqrt(batch_mean(hf.pow(2)) + 1e-5)
     return hf.to(h.dtype)
 
 

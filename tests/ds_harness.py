@@ -97,9 +97,11 @@ def run_equiv(work):
     from engine.distributed import ZeroTrainer, export_checkpoint, init_distributed
     from engine.model import build_model
     from engine.train import build_optimizer
-    cases = [  # (stage, precision, accum, clip)
-        (0, "fp32", 1, None), (1, "fp32", 2, 0.5), (2, "fp32", 1, None), (3, "fp32", 2, 0.5),
-        (0, "bf16", 1, None), (1, "bf16", 1, None), (2, "bf16", 2, 0.5), (3, "bf16", 1, None),
+    cases = [  # (stage, precision, accum, clip, extra overrides)
+        (0, "fp32", 1, None, ()), (1, "fp32", 2, 0.5, ()), (2, "fp32", 1, None, ()), (3, "fp32", 2, 0.5, ()),
+        (0, "bf16", 1, None, ()), (1, "bf16", 1, None, ()), (2, "bf16", 2, 0.5, ()), (3, "bf16", 1, None, ()),
+        # targets normalised over the batch: the statistics must be the global batch's, not a rank's
+        (2, "fp32", 1, None, ("loss.target_norm=batch",)),
     ]
     probe = make_cfg(os.path.join(work, "probe"))
     dstate = init_distributed(probe)
@@ -111,18 +113,19 @@ def run_equiv(work):
     refs = {}
     if rank == 0:
         for case in cases:
-            stage, prec, accum, clip = case
-            cfg = make_cfg(os.path.join(work, f"ref{stage}{prec}"), prec, accum, clip)
+            stage, prec, accum, clip, extra = case
+            cfg = make_cfg(os.path.join(work, f"ref{stage}{prec}{len(extra)}"), prec, accum, clip, extra=extra)
             losses, model = reference_run(cfg, accum, world)
             refs[case] = (losses, {n: p.detach().clone() for n, p in model.target_encoder.named_parameters()},
                           student_of(model))
     results["timing"]["reference_s"] = time.time() - t0
     for case in cases:
-        stage, prec, accum, clip = case
+        stage, prec, accum, clip, extra = case
         tc = time.time()
-        cfg = make_cfg(os.path.join(work, f"z{stage}{prec}"), prec, accum, clip)
+        tag = f"{stage}{prec}{len(extra)}"
+        cfg = make_cfg(os.path.join(work, f"z{tag}"), prec, accum, clip, extra=extra)
         masks, sched = all_masks(cfg, accum), schedules(cfg)
-        ckdir = os.path.join(work, f"ck{stage}{prec}")
+        ckdir = os.path.join(work, f"ck{tag}")
         init_target = {n: p.detach().clone() for n, p in build_model(cfg).target_encoder.named_parameters()}
 
         def step_batches(step):
@@ -147,7 +150,8 @@ def run_equiv(work):
         resumed = [tr2.train_step(step_batches(s), **kw(s))[0] for s in range(SAVE_AT, STEPS)]
         resumed_target = tr2.full_target()
         del tr2
-        rec = {"stage": stage, "precision": prec, "accum": accum, "clip": clip, "losses": losses, "resumed": resumed,
+        rec = {"stage": stage, "precision": prec, "accum": accum, "clip": clip, "extra": list(extra),
+               "losses": losses, "resumed": resumed,
                "resume_target_diff": maxdiff(target, resumed_target)}
         if rank == 0:
             ref_losses, ref_target, ref_student = refs[case]
@@ -156,7 +160,7 @@ def run_equiv(work):
                        target_diff=maxdiff(target, ref_target),
                        target_moved=maxdiff(target, init_target),
                        student_diff=maxdiff(student, ref_student))
-            out = os.path.join(work, f"export{stage}{prec}.pth.tar")
+            out = os.path.join(work, f"export{tag}.pth.tar")
             export_checkpoint(ckdir, out, tag="s3", fmt="engine")
             ck = load_file(out)
             model = build_model(cfg)

@@ -52,7 +52,7 @@ def harness(tmp_path_factory):
 
 
 def _cases(res, precision):
-    return [c for c in res["equiv"]["cases"] if c["precision"] == precision]
+    return [c for c in res["equiv"]["cases"] if c["precision"] == precision and not c["extra"]]
 
 
 @pytest.mark.slow   # torchrun launches
@@ -68,6 +68,15 @@ def test_fp32_every_stage_matches_single_process_engine(harness):
         assert c["target_moved"] > 1e-4, c          # the comparison above is not vacuous
         assert c["student_diff"] < 1e-5, c
         assert c["losses"][-1] < c["losses"][0]
+
+
+@pytest.mark.slow   # torchrun launches
+def test_batch_normalised_targets_use_the_global_batch(harness):
+    """loss.target_norm=batch under ZeRO-2 on 2 ranks equals the single process on the global
+    batch: the batch statistics are all-reduced, so the targets do not depend on the rank count."""
+    [c] = [c for c in harness["equiv"]["cases"] if c["extra"] == ["loss.target_norm=batch"]]
+    assert c["loss_diff"] < 1e-5 and c["target_diff"] < 1e-5 and c["student_diff"] < 1e-5, c
+    assert c["target_moved"] > 1e-4, c
 
 
 @pytest.mark.slow   # torchrun launches
