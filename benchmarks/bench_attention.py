@@ -36,15 +36,14 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common as C                                                   # noqa: E402
 import kernels.attention as katt                                      # noqa: E402
 from kernels.dispatch import BackendUnavailable                       # noqa: E402
 
@@ -72,23 +71,6 @@ def env_info() -> dict:
 
 
 # ----------------------------------------------------------------------------- part 1: speed
-def _time_cpu(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
-def _time(fn, device, reps) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=25, rep=100)
-    return _time_cpu(fn, reps)
-
-
 def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> list[dict]:
     rows = []
     cpu_autocast = device.type == "cpu" and dtype == torch.bfloat16
@@ -114,8 +96,8 @@ def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> li
                         torch.autograd.grad(o, (q, k, v), do)
                     fwd()
                     fwd_bwd()
-                    ms_f = _time(fwd, device, reps)
-                    ms_fb = _time(fwd_bwd, device, reps)
+                    ms_f = C.median_ms(fwd, device, reps)
+                    ms_fb = C.median_ms(fwd_bwd, device, reps)
                     row.update(fwd_ms=ms_f, fwd_tflops=fwd_flop / ms_f / 1e9,
                                fwd_bwd_ms=ms_fb, fwd_bwd_tflops=3.5 * fwd_flop / ms_fb / 1e9)
                 except (BackendUnavailable, NotImplementedError, RuntimeError) as e:

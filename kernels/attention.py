@@ -517,19 +517,15 @@ class _ChunkedAttention(torch.autograd.Function):
         qs = q3 * scale
         acc = torch.promote_types(q.dtype, torch.float32)
         slices, n = q3.shape[0], q3.shape[1]
-        chunks = _chunks(slices, n, n)
-        out = torch.empty_like(q3) if len(chunks) > 1 else None
         lse = torch.empty(slices, n, dtype=acc, device=q.device) if save else None
-        for a, b in chunks:
+        outs = []
+        for a, b in _chunks(slices, n, n):
             s = torch.bmm(qs[a:b], k3[a:b].transpose(1, 2))
             p = torch.softmax(s, -1, dtype=acc)
             if save:   # log-sum-exp from the row maximum: lse = max(s) - log(max(p))
                 torch.sub(s.amax(-1), p.amax(-1).log_(), out=lse[a:b])
-            o = torch.bmm(p.to(q.dtype), v3[a:b])
-            if out is None:
-                out = o
-            else:
-                out[a:b] = o
+            outs.append(torch.bmm(p.to(q.dtype), v3[a:b]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if save:
             ctx.save_for_backward(qs, k3, v3, lse)
         ctx.scale, ctx.shape = scale, shape
@@ -559,11 +555,10 @@ def attention_chunked(q, k, v, scale=None, cu_seqlens=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # a custom Function's forward always runs without grad mode: decide here what to save
     save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if cu_seqlens is None:
-        with torch.autocast(q.device.type, enabled=False):   # dtypes are chosen inside; no autocast casts
+    with torch.autocast(q.device.type, enabled=False):   # dtypes are chosen inside; no autocast casts
+        if cu_seqlens is None:
             return _ChunkedAttention.apply(q, k, v, scale, save)
-    bounds = cu_seqlens.tolist()
-    with torch.autocast(q.device.type, enabled=False):
+        bounds = cu_seqlens.tolist()
         outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
