@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Iterable, Optional, Sequence, Union
 
@@ -127,34 +128,74 @@ def _batches(images_or_loader, batch_size):
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
-def extract_features(encoder: torch.nn.Module, images_or_loader: Union[torch.Tensor, Iterable],
-                     batch_size: int = 256, pool: Optional[str] = "mean") -> torch.Tensor:
-    """Frozen-encoder features in fp32 on the CPU.
+def parse_pool(pool: Optional[str]) -> Optional[int]:
+    """``"mean"`` -> 1, ``"gridK"`` -> K (K x K cells), ``None`` -> None (the tokens themselves);
+    anything else is a usage error."""
+    if pool is None:
+        return None
+    if pool == "mean":
+        return 1
+    m = re.fullmatch(r"grid([1-9][0-9]*)", str(pool))
+    if not m:
+        raise _usage_error(f"--pool {pool!r}: use mean or gridK (K x K average-pooled cells, e.g. grid2)")
+    return int(m.group(1))
+
+
+def pool_tokens(tokens: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
+    """Patch tokens ``[B, N, D]`` of a square grid -> probe features.
+
+    ``mean``: ``[B, D]``, the paper's protocol. ``gridK``: the grid cut into K x K cells, each
+    averaged, concatenated cell-major -> ``[B, K*K*D]``; it keeps *where* a feature is, which a
+    mean over positions throws away (on an 8x8 Fashion-MNIST grid a sleeve and a hem look alike
+    once averaged). ``None``: the tokens unchanged."""
+    k = parse_pool(pool)
+    if k is None:
+        return tokens
+    if k == 1:
+        return tokens.mean(dim=1)
+    B, N, D = tokens.shape
+    side = math.isqrt(N)
+    if side * side != N or k > side:
+        raise _usage_error(f"--pool {pool}: needs a square patch grid of at least {k}x{k} tokens (got {N} tokens)")
+    grid = tokens.transpose(1, 2).reshape(B, D, side, side)
+    return F.adaptive_avg_pool2d(grid, k).permute(0, 2, 3, 1).reshape(B, k * k * D)
+
+
+def extract_pooled(encoder: torch.nn.Module, images_or_loader: Union[torch.Tensor, Iterable],
+                   pools: Sequence[Optional[str]] = ("mean",), batch_size: int = 256) -> dict:
+    """Frozen-encoder features in fp32 on the CPU, one tensor per entry of ``pools`` (see
+    ``pool_tokens``), from a single pass over the images.
 
     ``images_or_loader``: a ``[N, C, H, W]`` tensor (split into ``batch_size`` chunks) or an
-    iterable of image batches or of ``(images, labels)`` pairs (a DataLoader). ``pool="mean"``
-    gives ``[N, D]`` (mean of the patch tokens after the final norm), ``None`` the tokens
-    ``[N, T, D]``. Autocast is disabled explicitly: features stay fp32 even when the caller
-    runs under autocast.
+    iterable of image batches or of ``(images, labels)`` pairs (a DataLoader). Autocast is
+    disabled explicitly: features stay fp32 even when the caller runs under autocast.
     """
-    if pool not in ("mean", None):
-        raise ValueError(f"pool {pool!r}: use 'mean' or None")
+    for pool in pools:
+        parse_pool(pool)
     param = next(encoder.parameters())
     if param.dtype != torch.float32:
         raise ValueError(f"extract_features needs an fp32 encoder (got {param.dtype}); call encoder.float()")
     was_training = encoder.training
     encoder.eval()
-    out = []
+    out = {pool: [] for pool in pools}
     try:
         with torch.inference_mode(), torch.autocast(param.device.type, enabled=False):
             for x in _batches(images_or_loader, batch_size):
                 h = encoder(x.to(param.device, torch.float32, non_blocking=True)).float()
-                out.append((h.mean(dim=1) if pool == "mean" else h).cpu())
+                for pool in pools:
+                    out[pool].append(pool_tokens(h, pool).cpu())
     finally:
         encoder.train(was_training)
-    if not out:
+    if not out[pools[0]]:
         raise ValueError("extract_features: no images")
-    return torch.cat(out)
+    return {pool: torch.cat(parts) for pool, parts in out.items()}
+
+
+def extract_features(encoder: torch.nn.Module, images_or_loader: Union[torch.Tensor, Iterable],
+                     batch_size: int = 256, pool: Optional[str] = "mean") -> torch.Tensor:
+    """``extract_pooled`` with one pool: ``"mean"`` gives ``[N, D]`` (mean of the patch tokens
+    after the final norm), ``"gridK"`` ``[N, K*K*D]``, ``None`` the tokens ``[N, T, D]``."""
+    return extract_pooled(encoder, images_or_loader, (pool,), batch_size)[pool]
 
 
 # ----------------------------------------------------------------------------- linear probe
@@ -517,17 +558,20 @@ def load_eval_data(spec: str, crop_size: int, in_chans: int, labels: Optional[in
 
 
 def evaluate_encoder(encoder, data: EvalData, protocol: str = "both", batch_size: int = 256,
-                     knn_k: int = 20) -> dict:
-    """Features of ``data`` through ``encoder`` -> linear probe and/or k-NN + collapse stats."""
+                     knn_k: int = 20, pool: str = "mean") -> dict:
+    """Features of ``data`` through ``encoder`` -> linear probe and/or k-NN on ``pool``-ed
+    features (``pool_tokens``), collapse stats of the mean-pooled test features (the figure the
+    training loop watches, whatever the probe's pooling)."""
     t0 = time.perf_counter()
-    f_tr = extract_features(encoder, data.train, batch_size)
-    f_te = extract_features(encoder, data.test, batch_size)
-    out = {"extract_seconds": round(time.perf_counter() - t0, 2)}
+    pools = ("mean",) if pool == "mean" else ("mean", pool)
+    f_tr = extract_pooled(encoder, data.train, (pool,), batch_size)[pool]
+    f_te = extract_pooled(encoder, data.test, pools, batch_size)
+    out = {"extract_seconds": round(time.perf_counter() - t0, 2), "pool": pool}
     if protocol in ("linear", "both"):
-        out["linear"] = linear_probe(f_tr, data.train_labels, f_te, data.test_labels)
+        out["linear"] = linear_probe(f_tr, data.train_labels, f_te[pool], data.test_labels)
     if protocol in ("knn", "both"):
-        out["knn"] = knn(f_tr, data.train_labels, f_te, data.test_labels, k=knn_k)
-    out["collapse"] = collapse_stats(f_te)
+        out["knn"] = knn(f_tr, data.train_labels, f_te[pool], data.test_labels, k=knn_k)
+    out["collapse"] = collapse_stats(f_te["mean"])
     return out
 
 
@@ -535,8 +579,9 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
              labels_per_class: Optional[int] = None, encoder: str = "target", baseline: Optional[str] = None,
              device="cpu", batch_size: int = 256, test_limit: Optional[int] = None,
              num_heads: Optional[int] = None, knn_k: int = 20, seed: int = 0, workers: int = 2,
-             log=print) -> dict:
+             log=print, pool: str = "mean") -> dict:
     """What ``ijepa eval`` does, as a function; returns the JSON-able result dict."""
+    parse_pool(pool)
     if protocol not in ("linear", "knn", "both"):
         raise _usage_error(f"--protocol {protocol!r}: choose linear, knn or both")
     if baseline not in (None, "random"):
@@ -553,15 +598,17 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
         "arch": {k: getattr(enc.arch, k) for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
                                                    "num_heads", "mlp_hidden")},
         "data": dict(ds.description, name=data),
-        "features": "mean of patch tokens after the final LayerNorm, fp32, no autocast",
+        "features": ("mean of patch tokens" if pool == "mean" else
+                     f"patch grid cut into {parse_pool(pool)}x{parse_pool(pool)} cells, each averaged, concatenated")
+                    + " after the final LayerNorm, fp32, no autocast",
         "device": str(next(enc.parameters()).device),
     }
-    result.update(evaluate_encoder(enc, ds, protocol, batch_size, knn_k))
+    result.update(evaluate_encoder(enc, ds, protocol, batch_size, knn_k, pool))
     _log_results(log, "", result)
     if baseline == "random":
         rand = random_encoder_like(enc, seed)
         base = {"seed": seed, "init": "reference init (trunc-normal 0.02, LayerNorm 1/0, sin-cos positions)"}
-        base.update(evaluate_encoder(rand, ds, protocol, batch_size, knn_k))
+        base.update(evaluate_encoder(rand, ds, protocol, batch_size, knn_k, pool))
         result["baseline_random"] = base
         _log_results(log, f"random-init encoder (seed {seed}) ", base)
         for key in ("linear", "knn"):
@@ -593,7 +640,7 @@ def _log_results(log, prefix, r):
 # ----------------------------------------------------------------------------- CLI
 def add_parser(sub):
     p = sub.add_parser("eval", help="linear-probe / k-NN evaluation of a checkpoint's frozen encoder",
-                       description="Frozen-encoder evaluation: mean-pooled patch features (fp32) -> "
+                       description="Frozen-encoder evaluation: pooled patch features (fp32) -> "
                                    "logistic-regression probe and/or cosine k-NN. Fashion-MNIST labelled "
                                    "images: the first N of numpy.random.default_rng(0).permutation(60000); "
                                    "test: the official 10k split.")
@@ -617,6 +664,9 @@ def add_parser(sub):
                    help="evaluate on the first N test images only (quick checks; not comparable)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads, for widths that are not reference factory sizes")
+    p.add_argument("--pool", default="mean", metavar="{mean,gridK}",
+                   help="probe features: mean of the patch tokens (default, the paper's protocol) or gridK: "
+                        "the patch grid cut into K x K cells, each averaged and concatenated (keeps layout)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline encoder")
     p.add_argument("--workers", type=int, default=2, help="image-folder decoding workers")
@@ -632,7 +682,7 @@ def _main(args) -> int:
         raise _usage_error(f"--device {args.device!r}: use cpu or cuda")
     result = evaluate(args.checkpoint, args.data, args.protocol, args.labels, args.labels_per_class,
                       args.encoder, args.baseline, args.device, args.batch_size, args.test_limit,
-                      args.num_heads, args.knn_k, args.seed, args.workers)
+                      args.num_heads, args.knn_k, args.seed, args.workers, pool=args.pool)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(folder, exist_ok=True)

@@ -10,8 +10,8 @@ from PIL import Image
 import engine
 from engine.cli import main as cli
 from engine.eval import (IMAGENET_MEAN, IMAGENET_STD, collapse_stats, evaluate, extract_features,
-                         fmnist_to_tensor, knn, labelled_subset, linear_probe, load_encoder, load_fmnist,
-                         random_encoder_like, raw_pixel_probe)
+                         extract_pooled, fmnist_to_tensor, knn, labelled_subset, linear_probe, load_encoder,
+                         load_fmnist, pool_tokens, random_encoder_like, raw_pixel_probe)
 from engine.plots import PALETTE, nice_ticks, save_line_plot, save_table_png
 from ijepa_tiny_ckpt import make_engine_checkpoint
 
@@ -97,6 +97,42 @@ def test_extract_features_is_fp32_under_autocast_and_accepts_loaders(ckpt):
     tokens = extract_features(enc, x, pool=None)
     assert tokens.shape == (5, 64, 48)
     torch.testing.assert_close(tokens.mean(1), plain, atol=1e-6, rtol=0)
+
+
+def test_grid_pooling_averages_each_cell_and_keeps_layout():
+    # tokens numbered row-major on a 4x4 grid, feature = (row, col) of the token
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    tokens = torch.stack([rows.flatten(), cols.flatten()], -1).unsqueeze(0)          # [1, 16, 2]
+    g2 = pool_tokens(tokens, "grid2").view(2, 2, 2)
+    # cell (i, j) covers rows 2i..2i+1 and cols 2j..2j+1: its mean position is (2i + 0.5, 2j + 0.5)
+    for i in range(2):
+        for j in range(2):
+            assert g2[i, j].tolist() == [2 * i + 0.5, 2 * j + 0.5]
+    torch.testing.assert_close(pool_tokens(tokens, "mean"), tokens.mean(1))
+    torch.testing.assert_close(pool_tokens(tokens, "grid1"), tokens.mean(1))
+    assert torch.equal(pool_tokens(tokens, "grid4"), tokens.flatten(1))
+    # the point of the grid: two images with the same tokens in different places
+    flipped = tokens.flip(1)
+    assert torch.equal(pool_tokens(flipped, "mean"), pool_tokens(tokens, "mean"))
+    assert not torch.equal(pool_tokens(flipped, "grid2"), pool_tokens(tokens, "grid2"))
+
+
+@pytest.mark.parametrize("pool,needle", [("max", "use mean or gridK"), ("grid0", "use mean or gridK"),
+                                         ("grid9", "square patch grid of at least 9x9")])
+def test_bad_pool_is_a_usage_error(pool, needle):
+    from engine.cli import UsageError
+    with pytest.raises(UsageError, match=needle):
+        pool_tokens(torch.zeros(1, 64, 3), pool)
+
+
+def test_extract_pooled_gives_every_pool_from_one_pass(ckpt):
+    enc = load_encoder(ckpt)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    both = extract_pooled(enc, x, ("mean", "grid2"), batch_size=2)
+    tokens = extract_features(enc, x, pool=None)
+    torch.testing.assert_close(both["mean"], tokens.mean(1), atol=1e-6, rtol=0)
+    assert both["grid2"].shape == (3, 4 * 48)
+    torch.testing.assert_close(both["grid2"], pool_tokens(tokens, "grid2"), atol=1e-6, rtol=0)
 
 
 def test_load_encoder_target_context_and_random_baseline(ckpt):
@@ -205,11 +241,21 @@ def test_eval_cli_with_random_baseline_writes_json(ckpt, tmp_path, capsys):
     assert r["gain_over_random"]["linear"] == pytest.approx(r["linear"]["top1"] - r["baseline_random"]["linear"]["top1"])
 
 
+def test_eval_cli_grid_pool(ckpt, tmp_path):
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--checkpoint", ckpt, "--labels", "200", "--test-limit", "200", "--protocol", "linear",
+                "--pool", "grid2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["pool"] == "grid2" and r["linear"]["dim"] == 4 * 48 and "2x2 cells" in r["features"]
+    assert r["collapse"]["dim"] == 48      # collapse figures stay on the mean-pooled features
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--checkpoint", "/nonexistent/x.pth.tar"], "no such file"),
     (["--labels", "0"], "--labels 0"),
     (["--data", "imagefolder:/nonexistent"], "no train/ subfolder"),
     (["--data", "mnist"], "--data 'mnist'"),
+    (["--pool", "max"], "--pool 'max'"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_eval_cli_bad_input(ckpt, capsys, args, needle):
@@ -249,3 +295,23 @@ def test_nice_ticks():
     assert nice_ticks(0, 1700) == [0, 500, 1000, 1500, 2000]
     assert nice_ticks(62.9, 72.4) == [62, 64, 66, 68, 70, 72, 74]
     assert nice_ticks(5, 5)[0] < 5 < nice_ticks(5, 5)[-1]
+
+
+# ----------------------------------------------------------------------------- make demo's evaluation
+def test_demo_skip_train_reports_both_poolings(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    make_engine_checkpoint(str(run / "jepa-latest.pth.tar"))
+    (run / "jepa_r0.csv").write_text("step,loss\n1,0.5\n2,0.4\n")
+    assert cli(["demo", "--skip-train", "--out", str(run), "--labels", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 % mean-pooled" in printed and "top-1 % 2x2 grid" in printed
+    r = json.loads((run / "demo.json").read_text())
+    assert r["pools"] == ["mean", "grid2"] and [row["encoder"] for row in r["rows"]][2] == "raw pixels"
+    pre, rand, raw = r["rows"]
+    for pool in ("mean", "grid2"):
+        assert r["gain_over_random"][pool] == pytest.approx(pre["top1"][pool] - rand["top1"][pool])
+        assert 20.0 < pre["top1"][pool] <= 100.0
+    assert raw["top1"]["mean"] == raw["top1"]["grid2"] > 60.0
+    assert r["losses"] == [0.5, 0.4]
+    assert (run / "demo.png").stat().st_size > 0 and (run / "demo_loss.png").stat().st_size > 0
