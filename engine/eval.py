@@ -2,8 +2,9 @@
 
 Protocol (the paper's and the project's calibration): the frozen encoder (target encoder by
 default) embeds every image; its patch tokens AFTER the final LayerNorm are averaged into one
-vector per image; features are extracted in fp32 without autocast (bf16 extraction cost 2-3
-points in calibration).
+vector per image (``pool="gridK"``: averaged per cell of a K x K cut of the patch grid and
+concatenated, see ``pool_tokens``); features are extracted in fp32 without autocast (bf16
+extraction cost 2-3 points in calibration).
 
 * Linear probe: features standardised with the labelled set's mean/std (zero-variance dims
   left at scale 1), multinomial logistic regression with an L2 penalty on the weights (not
@@ -588,6 +589,7 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
         raise _usage_error(f"--baseline {baseline!r}: only 'random' is available")
     t0 = time.perf_counter()
     enc = load_encoder(checkpoint, encoder, device, num_heads)
+    pool_tokens(torch.zeros(1, (enc.arch.img_size // enc.arch.patch_size) ** 2, 1), pool)   # K fits the grid
     ds = load_eval_data(data, enc.arch.img_size, enc.arch.in_chans, labels, labels_per_class, test_limit,
                         batch_size, workers)
     log(f"encoder: {enc.source['encoder']} of {checkpoint} ({enc.source['format']}; {enc.arch.describe()})")

@@ -256,6 +256,7 @@ def test_eval_cli_grid_pool(ckpt, tmp_path):
     (["--data", "imagefolder:/nonexistent"], "no train/ subfolder"),
     (["--data", "mnist"], "--data 'mnist'"),
     (["--pool", "max"], "--pool 'max'"),
+    (["--pool", "grid9"], "at least 9x9"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_eval_cli_bad_input(ckpt, capsys, args, needle):
