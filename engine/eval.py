@@ -175,7 +175,7 @@ def extract_pooled(encoder: torch.nn.Module, images_or_loader: Union[torch.Tenso
         parse_pool(pool)
     param = next(encoder.parameters())
     if param.dtype != torch.float32:
-        raise ValueError(f"extract_features needs an fp32 encoder (got {param.dtype}); call encoder.float()")
+        raise ValueError(f"feature extraction needs an fp32 encoder (got {param.dtype}); call encoder.float()")
     was_training = encoder.training
     encoder.eval()
     out = {pool: [] for pool in pools}
@@ -188,7 +188,7 @@ def extract_pooled(encoder: torch.nn.Module, images_or_loader: Union[torch.Tenso
     finally:
         encoder.train(was_training)
     if not out[pools[0]]:
-        raise ValueError("extract_features: no images")
+        raise ValueError("feature extraction: no images")
     return {pool: torch.cat(parts) for pool, parts in out.items()}
 
 
@@ -582,7 +582,7 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
              num_heads: Optional[int] = None, knn_k: int = 20, seed: int = 0, workers: int = 2,
              log=print, pool: str = "mean") -> dict:
     """What ``ijepa eval`` does, as a function; returns the JSON-able result dict."""
-    parse_pool(pool)
+    cells = parse_pool(pool)
     if protocol not in ("linear", "knn", "both"):
         raise _usage_error(f"--protocol {protocol!r}: choose linear, knn or both")
     if baseline not in (None, "random"):
@@ -601,7 +601,7 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
                                                    "num_heads", "mlp_hidden")},
         "data": dict(ds.description, name=data),
         "features": ("mean of patch tokens" if pool == "mean" else
-                     f"patch grid cut into {parse_pool(pool)}x{parse_pool(pool)} cells, each averaged, concatenated")
+                     f"patch grid cut into {cells}x{cells} cells, each averaged, concatenated")
                     + " after the final LayerNorm, fp32, no autocast",
         "device": str(next(enc.parameters()).device),
     }
