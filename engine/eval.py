@@ -129,9 +129,10 @@ def _batches(images_or_loader, batch_size):
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
-def parse_pool(pool: Optional[str]) -> Optional[int]:
+def parse_pool(pool: Optional[str], num_tokens: Optional[int] = None) -> Optional[int]:
     """``"mean"`` -> 1, ``"gridK"`` -> K (K x K cells), ``None`` -> None (the tokens themselves);
-    anything else is a usage error."""
+    anything else is a usage error, and so is a grid that does not fit ``num_tokens`` patches
+    (when given: a square grid of at least K x K)."""
     if pool is None:
         return None
     if pool == "mean":
@@ -139,7 +140,13 @@ def parse_pool(pool: Optional[str]) -> Optional[int]:
     m = re.fullmatch(r"grid([1-9][0-9]*)", str(pool))
     if not m:
         raise _usage_error(f"--pool {pool!r}: use mean or gridK (K x K average-pooled cells, e.g. grid2)")
-    return int(m.group(1))
+    k = int(m.group(1))
+    if num_tokens is not None:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens or k > side:
+            raise _usage_error(f"--pool {pool}: needs a square patch grid of at least {k}x{k} tokens "
+                               f"(got {num_tokens} tokens)")
+    return k
 
 
 def pool_tokens(tokens: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
@@ -149,15 +156,13 @@ def pool_tokens(tokens: torch.Tensor, pool: Optional[str]) -> torch.Tensor:
     averaged, concatenated cell-major -> ``[B, K*K*D]``; it keeps *where* a feature is, which a
     mean over positions throws away (on an 8x8 Fashion-MNIST grid a sleeve and a hem look alike
     once averaged). ``None``: the tokens unchanged."""
-    k = parse_pool(pool)
+    B, N, D = tokens.shape
+    k = parse_pool(pool, N)
     if k is None:
         return tokens
     if k == 1:
         return tokens.mean(dim=1)
-    B, N, D = tokens.shape
     side = math.isqrt(N)
-    if side * side != N or k > side:
-        raise _usage_error(f"--pool {pool}: needs a square patch grid of at least {k}x{k} tokens (got {N} tokens)")
     grid = tokens.transpose(1, 2).reshape(B, D, side, side)
     return F.adaptive_avg_pool2d(grid, k).permute(0, 2, 3, 1).reshape(B, k * k * D)
 
@@ -589,7 +594,7 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
         raise _usage_error(f"--baseline {baseline!r}: only 'random' is available")
     t0 = time.perf_counter()
     enc = load_encoder(checkpoint, encoder, device, num_heads)
-    pool_tokens(torch.zeros(1, (enc.arch.img_size // enc.arch.patch_size) ** 2, 1), pool)   # K fits the grid
+    parse_pool(pool, (enc.arch.img_size // enc.arch.patch_size) ** 2)   # before any image is read
     ds = load_eval_data(data, enc.arch.img_size, enc.arch.in_chans, labels, labels_per_class, test_limit,
                         batch_size, workers)
     log(f"encoder: {enc.source['encoder']} of {checkpoint} ({enc.source['format']}; {enc.arch.describe()})")
