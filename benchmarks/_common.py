@@ -22,14 +22,8 @@ import torch  # noqa: E402
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from engine.tools.bench import cpu_model
+    return cpu_model()
 
 
 def environment(device: torch.device) -> dict:

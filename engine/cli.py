@@ -3,29 +3,26 @@
 Each subcommand lives in the module that does the work; that module exposes
 ``add_parser(subparsers)`` which registers its options and sets ``func(args) -> int``.
 
-Exit codes: 0 success; 2 bad usage, bad config, bad data or bad checkpoint (one line
-naming the problem and the fix, no traceback); 1 a failure while running.
+Exit codes (one handler, ``engine.errors.report``): 0 success; 2 bad usage, bad config, bad data
+or bad checkpoint (one line naming the problem and the fix, no traceback, nothing written);
+1 a failure while running; 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand modules, in the order ``ijepa --help`` lists them
 SUBCOMMANDS = (
-    "engine.train",      # train
-    "engine.demo",       # demo
-    "engine.eval",       # eval
-    "engine.convert",    # convert
-    "engine.distributed",  # export (DeepSpeed ZeRO checkpoints)
-    "engine.bench",      # bench, profile
-    "engine.kernels_cli",  # kernels report
+    "engine.train",              # train
+    "engine.tools.demo",         # demo
+    "engine.tools.eval",         # eval
+    "engine.tools.convert",      # convert, export
+    "engine.tools.bench",        # bench, profile
+    "engine.tools.kernels_cli",  # kernels report
 )
-
-
-class UsageError(Exception):
-    """Bad input from the user (arguments, files, data). Printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,18 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod_name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name == mod_name:      # subcommand not built in this version
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(mod_name).add_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
-    from engine.config import ConfigError
+    from engine.errors import report
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -63,16 +54,30 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError) as e:
-        print(f"ijepa: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ijepa: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:   # noqa: B902 -- the one place every error becomes an exit code
+        if isinstance(e, SystemExit):
+            raise
+        rank, world = _rank_world()
+        code = report(e, rank, world)
+        if world > 1:
+            # interpreter shutdown with a broken process group can hang or abort; the other ranks
+            # fail fast on their next collective (or after IJEPA_DIST_TIMEOUT_S)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+
+def _rank_world():
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:
+        pass
+    return None, 1
 
 
 if __name__ == "__main__":
-    # ``python -m engine.cli`` (how torchrun/srun start it) runs this file as __main__; go through
-    # the imported module so ``except UsageError`` matches the class other modules raise
-    from engine.cli import main as _main
-    sys.exit(_main())
+    # ``python -m engine.cli`` (how torchrun/srun start it) runs this file as __main__
+    sys.exit(main())

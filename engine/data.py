@@ -22,15 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(Exception):
-    """Unusable data (missing files, empty folders). One line, names the fix."""
 
 
 # ----------------------------------------------------------------- augmentation
@@ -273,35 +271,17 @@ class TrainLoader:
             for b in bad:
                 if b:
                     self.bad_files.extend(b.split("\n"))
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
-    """The training loader named by ``data.loader`` (``torch`` here; ``dali`` when available)."""
-    d = cfg.data
-    kind = d.loader
-    # auto: DALI only where it pays (a GPU); on a CPU the crops a run sees should not depend
-    # on whether DALI happens to be installed
-    if kind == "auto" and device.type != "cuda":
-        kind = "torch"
-    if kind in ("dali", "auto") and d.dataset == "imagefolder":
-        try:
-            from engine import data_dali
-        except ImportError as e:
-            if kind == "dali":
-                raise DataError(f"data.loader: dali requested but unavailable ({e}); "
-                                f"pip install nvidia-dali-cuda130==2.4.0 or use data.loader: torch") from None
-        else:
-            return data_dali.build_dali_loader(cfg, rank, world_size, device)
-    elif kind == "dali":
-        raise DataError(f"data.loader: dali reads image folders only (data.dataset is {d.dataset!r}); "
-                        f"use data.loader: torch")
-    ds = build_dataset(cfg)
-    return TrainLoader(ds, d.batch_size, rank, world_size, seed=cfg.train.seed,
-                       num_workers=d.num_workers, pin_memory=d.pin_mem, device=device)
+            yield to_device(images, self.device), labels
 
 
 # ----------------------------------------------------------------- prefetch
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: pinned, then copied asynchronously."""
+    if t.device == torch.device(device) or torch.device(device).type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class BatchPrefetcher:
     """Loads batches and samples their masks ahead of the training step, in a background thread.
 
@@ -313,24 +293,27 @@ class BatchPrefetcher:
     prefetching. ``depth=0`` produces inline, on demand.
     """
 
-    def __init__(self, loader, sampler, device, depth: int = 2, ragged: bool = False):
+    def __init__(self, loader, sampler, device, depth: int = 2, packed: bool = False):
         import queue
         import threading
         self.loader, self.sampler, self.device, self.depth = loader, sampler, device, depth
-        self.ragged = ragged   # whole masks per sample (packed training) instead of [B, K] tensors
+        self.packed = packed   # whole masks per sample, as a PackedLayout, instead of [B, K] tensors
         self._queue_mod, self._threading = queue, threading
         self._thread = None
         self._gen = None
 
     def _produce(self, batches):
+        """One batch: images, masks (or the packed layout) on the device. Everything the host
+        builds goes through pinned memory with non-blocking copies, so the training thread never
+        waits for a transfer."""
+        from engine.model import PackedLayout
         snap = (torch.get_rng_state(), self.sampler.state_dict())
         images, labels = next(batches)
-        if self.ragged:   # index tables are built on the host and moved once per batch
-            masks_enc, masks_pred = self.sampler.sample_ragged(len(images))
-            return snap, images, masks_enc, masks_pred
+        if self.packed:
+            return snap, images, PackedLayout(*self.sampler.sample_ragged(len(images)), self.device), None
         masks_enc, masks_pred = self.sampler(len(images))
-        return snap, images, [m.to(self.device, non_blocking=True) for m in masks_enc], \
-            [m.to(self.device, non_blocking=True) for m in masks_pred]
+        return snap, images, [to_device(m, self.device) for m in masks_enc], \
+            [to_device(m, self.device) for m in masks_pred]
 
     def start(self, epoch: int, start_batch: int, count: int):
         """Serve ``count`` batches of ``epoch`` from batch ``start_batch`` on."""

@@ -43,25 +43,19 @@ import warnings
 import numpy as np
 import torch
 
+from engine.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS
+from engine.errors import DataError
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # PIL format names of the formats DALI's decoders read
 _DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 _INDEX_VERSION = 1
 
-try:  # one error type for callers that already catch the portable loader's DataError
-    from engine.data import DataError as _ErrorBase
-except ImportError:  # engine/data.py absent: stay a plain RuntimeError
-    _ErrorBase = RuntimeError
 
-
-class DaliError(_ErrorBase):
+class DaliError(DataError):
     """The DALI loader cannot run as asked. The message is one line and names the fix."""
 
 

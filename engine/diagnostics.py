@@ -32,24 +32,36 @@ def effective_rank(x: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, r, torch.full_like(r, float("nan")))
 
 
+DIAG_KEYS = ("target_std", "target_erank", "pred_std")
+
+
 @torch.no_grad()
 def collapse_stats(features: torch.Tensor) -> dict:
-    """``features`` [n, D] (one row per image or per sequence): per-dim std across rows (mean
-    over dims), effective rank, fraction of dims with (near) zero variance. Device tensors."""
+    """``features`` [n, D] (one row per image or per sequence), as device tensors: the per-dim std
+    across rows (``feature_std``, mean over dims; ``std_relative``: divided by the features' RMS,
+    scale-free), the effective rank, and the fraction of dims whose std is below 1 % of the RMS
+    (``dead_fraction``). ``ijepa eval`` reports the same figures for the evaluation features."""
     f = features.float()
-    std = f.std(0)
-    return {"feature_std": std.mean(), "effective_rank": effective_rank(f),
-            "dead_dims": (std < 1e-4).float().mean()}
+    std = f.std(0, unbiased=False)
+    rms = f.pow(2).mean().sqrt()
+    return {"feature_std": std.mean(), "std_relative": std.mean() / rms.clamp_min(1e-30),
+            "effective_rank": effective_rank(f), "dead_fraction": (std < 1e-2 * rms).float().mean(), "rms": rms}
 
 
 @torch.no_grad()
 def step_stats(z: torch.Tensor, h: torch.Tensor) -> dict:
-    """From one step's predictions ``z`` and targets ``h`` ([rows, K, D], or packed [T, D]
-    tokens): stats of the token-pooled (packed: per-token) targets and the predictor's std."""
+    """What one step keeps for the diagnostics, on the device: its token-pooled (packed: per-token)
+    targets and the predictor's output std. ``summarise`` turns them into the statistics when the
+    logging window is read, so the step itself runs no SVD."""
     pooled = h.float().mean(1) if h.dim() == 3 else h.float()
-    t = collapse_stats(pooled)
-    return {"target_std": t["feature_std"], "target_erank": t["effective_rank"],
-            "pred_std": z.float().std(0).mean(), "target_rows": min(pooled.shape)}
+    return {"pooled": pooled, "pred_std": z.float().std(0).mean(), "target_rows": min(pooled.shape)}
+
+
+@torch.no_grad()
+def summarise(kept: dict) -> dict:
+    """``target_std``, ``target_erank``, ``pred_std`` (device tensors) from ``step_stats``."""
+    t = collapse_stats(kept["pooled"])
+    return {"target_std": t["feature_std"], "target_erank": t["effective_rank"], "pred_std": kept["pred_std"]}
 
 
 def warnings_for(stats: dict) -> list[str]:

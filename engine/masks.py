@@ -33,6 +33,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _MAX_TRIES_PAPER = 1000
@@ -88,7 +90,6 @@ def check_mask_config(input_size, patch_size, enc_mask_scale, pred_mask_scale, a
     block whose drawn size is ``h*w <= min_keep`` therefore loops forever (crop 96 / patch 16 /
     min_keep 4 hangs on a 2x2 target). Every drawable size must be large enough.
     """
-    from engine.config import ConfigError
     hh, ww = (_as_pair(input_size)[0] // patch_size, _as_pair(input_size)[1] // patch_size)
     lo, hi = _size_range(pred_mask_scale, aspect_ratio, hh, ww, mode)
     if lo <= min_keep:

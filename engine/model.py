@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.profiler import record_function
 
 import kernels.attention as katt
 import kernels.ema as kema
 import kernels.gather as kgather
-from kernels.dispatch import select
 
 
 # ----------------------------------------------------------------- position embedding
@@ -90,8 +90,8 @@ class Attention(nn.Module):
         if packed is not None:
             T, C = x.shape
             q, k, v = (t.contiguous() for t in self.qkv(x).reshape(T, 3, self.num_heads, C // self.num_heads).unbind(1))
-            x = katt.attention(q, k, v, cu_seqlens=packed[0], max_seqlen=packed[1], backend=self.backend,
-                               scale=self.scale)
+            x = katt.attention(q, k, v, cu_seqlens=packed[0], max_seqlen=packed[1], seqlens=packed[2],
+                               backend=self.backend, scale=self.scale)
             return self.proj(x.reshape(T, C))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -308,26 +308,31 @@ class PackedLayout:
     ``masks_enc[b][j]`` / ``masks_pred[b][i]``: 1-D token indices of context block j / target
     block i of sample b (what ``MultiBlockMaskSampler.sample_ragged`` returns: no truncation to
     the batch minimum, so no context token is dropped and no padding is computed).
+
+    Built on the host (the data thread builds it, see ``engine.data.BatchPrefetcher``), then
+    moved with one pinned, non-blocking copy per table: the training step never waits for it.
+    Sequence lengths stay on the host too (``*_packed[2]``), so no attention backend has to
+    read ``cu_seqlens`` back.
     """
 
-    def __init__(self, masks_enc, masks_pred, device):
+    def __init__(self, masks_enc, masks_pred, device=None):
         B, nenc, npred = len(masks_enc), len(masks_enc[0]), len(masks_pred[0])
         lens_c = [[len(masks_enc[b][j]) for b in range(B)] for j in range(nenc)]
         lens_p = [[len(masks_pred[b][i]) for b in range(B)] for i in range(npred)]
-        cat = lambda ts: torch.cat([t.to(device=device, dtype=torch.long) for t in ts])  # noqa: E731
+        cat = lambda ts: torch.cat([t.cpu().long() for t in ts])  # noqa: E731
         # context tokens, ordered (j, b): the encoder sees one sequence per (context block, sample)
         self.ctx_tokens = cat([masks_enc[b][j] for j in range(nenc) for b in range(B)])
         self.ctx_batch = torch.cat([torch.full((lens_c[j][b],), b, dtype=torch.long)
-                                    for j in range(nenc) for b in range(B)]).to(device)
-        self.enc_packed = _cu([lens_c[j][b] for j in range(nenc) for b in range(B)], device)
+                                    for j in range(nenc) for b in range(B)])
+        self.enc_packed = _cu([lens_c[j][b] for j in range(nenc) for b in range(B)])
         # target queries, ordered (i, b)
         self.pred_tokens = cat([masks_pred[b][i] for i in range(npred) for b in range(B)])
-        self.pred_batch = torch.cat([torch.full((lens_p[i][b],), b, dtype=torch.long)
-                                     for i in range(npred) for b in range(B)]).to(device)
+        pred_batch = torch.cat([torch.full((lens_p[i][b],), b, dtype=torch.long)
+                                for i in range(npred) for b in range(B)])
         ctx_start = _starts([lens_c[j][b] for j in range(nenc) for b in range(B)])
         q_start = _starts([lens_p[i][b] for i in range(npred) for b in range(B)])
         n_ctx = sum(sum(l) for l in lens_c)
-        rows, qrows, seq_lens, pos = [], [], [], 0
+        rows, qrows, tgt, seq_lens, pos = [], [], [], [], 0
         for i in range(npred):            # predictor sequences, ordered (i, j, b)
             for j in range(nenc):
                 for b in range(B):
@@ -335,18 +340,31 @@ class PackedLayout:
                     cs, qs = ctx_start[j * B + b], n_ctx + q_start[i * B + b]
                     rows += [torch.arange(cs, cs + lc), torch.arange(qs, qs + lp)]
                     qrows.append(torch.arange(pos + lc, pos + lc + lp))
+                    tgt.append(torch.arange(q_start[i * B + b], q_start[i * B + b] + lp))
                     seq_lens.append(lc + lp)
                     pos += lc + lp
-        self.seq_rows = torch.cat(rows).to(device)
-        self.query_rows = torch.cat(qrows).to(device)
-        self.pred_packed = _cu(seq_lens, device)
+        self.seq_rows, self.query_rows = torch.cat(rows), torch.cat(qrows)
+        self.pred_packed = _cu(seq_lens)
         # targets in prediction order (i, j, b, token): rows of the [B, N] target map
-        self.target_batch = torch.cat([self.pred_batch[q_start[i * B + b]: q_start[i * B + b] + lens_p[i][b]]
-                                       for i in range(npred) for j in range(nenc) for b in range(B)])
-        self.target_tokens = torch.cat([self.pred_tokens[q_start[i * B + b]: q_start[i * B + b] + lens_p[i][b]]
-                                        for i in range(npred) for j in range(nenc) for b in range(B)])
+        tgt = torch.cat(tgt)
+        self.target_batch, self.target_tokens = pred_batch[tgt], self.pred_tokens[tgt]
         self.mean_ctx = n_ctx / (B * nenc)
         self.mean_pred = sum(sum(l) for l in lens_p) / (B * npred)
+        if device is not None:
+            self.to(device)
+
+    _TABLES = ("ctx_tokens", "ctx_batch", "pred_tokens", "seq_rows", "query_rows", "target_batch",
+               "target_tokens")
+
+    def to(self, device) -> "PackedLayout":
+        device = torch.device(device)
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else \
+            (lambda t: t.to(device))
+        for name in self._TABLES:
+            setattr(self, name, move(getattr(self, name)))
+        self.enc_packed = (move(self.enc_packed[0]),) + self.enc_packed[1:]
+        self.pred_packed = (move(self.pred_packed[0]),) + self.pred_packed[1:]
+        return self
 
 
 def _starts(lens):
@@ -357,10 +375,11 @@ def _starts(lens):
     return out
 
 
-def _cu(lens, device):
+def _cu(lens):
+    """(cu_seqlens int32 [S+1], max length, host lengths) of packed sequences."""
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
-    return cu.to(device), max(lens)
+    return cu, max(lens), list(lens)
 
 
 def is_ragged(masks) -> bool:
@@ -368,12 +387,23 @@ def is_ragged(masks) -> bool:
     return isinstance(masks, (list, tuple)) and len(masks) > 0 and isinstance(masks[0], (list, tuple))
 
 
+def mask_lengths(masks_enc, masks_pred) -> tuple[float, float]:
+    """(context, target) tokens per block: the reference's mask-A / mask-B log columns (the mean
+    length for a packed layout)."""
+    if isinstance(masks_enc, PackedLayout):
+        return masks_enc.mean_ctx, masks_enc.mean_pred
+    return masks_enc[0].shape[1], masks_pred[0].shape[1]
+
+
 # ----------------------------------------------------------------- the whole model
 class IJEPA(nn.Module):
     """Context encoder + predictor (trained) and EMA target encoder (frozen).
 
     ``loss = model(images, masks_enc, masks_pred)`` runs one I-JEPA forward in the
-    reference's order (targets first, under no_grad) and returns the smooth-L1 loss.
+    reference's order (targets first, under no_grad) and returns the smooth-L1 loss;
+    ``parts=True`` also returns the predictions and targets (for the collapse diagnostics).
+    Every backend trains through this forward: under DeepSpeed the engine wraps this module
+    with the target encoder unregistered (``detach_target``), so the step is written once.
     """
 
     def __init__(self, cfg=None, **arch):
@@ -401,6 +431,7 @@ class IJEPA(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder)
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
+        self.target_stats_across_ranks = False   # loss.target_norm center/batch: global-batch statistics
         if cfg.train.activation_checkpointing:
             for blk in list(self.encoder.blocks) + list(self.predictor.predictor_blocks):
                 blk.checkpointed = True
@@ -420,73 +451,89 @@ class IJEPA(nn.Module):
         if ema is not None:
             self.ema_backend = ema
 
+    def attention_summary(self) -> str:
+        """Which attention backend each part runs, and the head dim and dtype that decided it."""
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        device = next(self.encoder.parameters()).device
+        out = []
+        for part, blocks, packed in (("encoder", self.encoder.blocks, self.cfg.mask.packed),
+                                     ("predictor", self.predictor.predictor_blocks, self.cfg.mask.packed)):
+            attn = blocks[0].attn
+            d = attn.qkv.in_features // attn.num_heads
+            b = katt.attention_backend(device, attn.backend, d, dtype, packed=packed)
+            out.append(f"{b} ({part}: head dim {d}, {str(dtype)[6:]}{', packed' if packed else ''})")
+        return " / ".join(out)
+
+    def detach_target(self) -> nn.Module:
+        """Unregister the target encoder (it stays reachable as ``self.target_encoder``), so a
+        wrapper that walks ``parameters()`` -- DeepSpeed -- sees only what is trained."""
+        target = self._modules.pop("target_encoder")
+        self.__dict__["target_encoder"] = target
+        return target
+
     # -------------------------------------------------------------- forward
     @torch.no_grad()
     def targets(self, images, masks_enc, masks_pred):
-        h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm)
+        h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm,
+                                 self.target_stats_across_ranks)
         # LayerNorm without affine (eps 1e-5) of the already-normed output, then the target blocks
         h = kgather.gather_layernorm(h, list(masks_pred), eps=1e-5, backend=self.encoder.gather_backend)
         return repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
 
-    def predict(self, images, masks_enc, masks_pred):
-        z = self.encoder(images, masks_enc)
-        return self.predictor(z, masks_enc, masks_pred)
+    def forward(self, images, masks_enc, masks_pred=None, parts: bool = False):
+        """The smooth-L1 loss (``parts``: ``(loss, predictions z, targets h)``).
 
-    def forward_packed(self, images, masks_enc, masks_pred):
-        """(loss, z, h) for ragged masks (``sample_ragged``): context and predictor sequences packed
-        without truncation or padding; z and h are ``[T, D]`` in (target, context, sample, token)
-        order. On equal-length masks this is the padded computation, token for token."""
-        lay = PackedLayout(masks_enc, masks_pred, images.device)
-        with torch.no_grad():
-            h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm)
-            h = F.layer_norm(h, (h.size(-1),), eps=1e-5)[lay.target_batch, lay.target_tokens]
-        z = self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed)
-        z = self.predictor.forward_packed(z, lay)
-        return F.smooth_l1_loss(z, h), z, h
-
-    def forward_parts(self, images, masks_enc, masks_pred):
-        """(loss, predictions z, targets h) for diagnostics."""
+        Masks: ``[B, K]`` index tensors per block (the reference's collator format), or, for
+        packed training, a ``PackedLayout`` (or the ragged per-sample lists it is built from):
+        context and predictor sequences packed without truncation or padding, z and h ``[T, D]``
+        in (target, context, sample, token) order. On equal-length masks the packed computation
+        is the padded one, token for token."""
         if is_ragged(masks_enc):
-            return self.forward_packed(images, masks_enc, masks_pred)
-        masks_enc, masks_pred = _as_list(masks_enc), _as_list(masks_pred)
-        h = self.targets(images, masks_enc, masks_pred)
-        z = self.predict(images, masks_enc, masks_pred)
-        return F.smooth_l1_loss(z, h), z, h
+            masks_enc = PackedLayout(masks_enc, masks_pred, images.device)
+        if isinstance(masks_enc, PackedLayout):
+            lay = masks_enc
+            with record_function("ijepa::target_forward"), torch.no_grad():
+                h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm,
+                                         self.target_stats_across_ranks)
+                h = F.layer_norm(h, (h.size(-1),), eps=1e-5)[lay.target_batch, lay.target_tokens]
+            with record_function("ijepa::context_forward"):
+                z = self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed)
+            with record_function("ijepa::predictor"):
+                z = self.predictor.forward_packed(z, lay)
+        else:
+            masks_enc, masks_pred = _as_list(masks_enc), _as_list(masks_pred)
+            with record_function("ijepa::target_forward"):
+                h = self.targets(images, masks_enc, masks_pred)
+            with record_function("ijepa::context_forward"):
+                z = self.encoder(images, masks_enc)
+            with record_function("ijepa::predictor"):
+                z = self.predictor(z, masks_enc, masks_pred)
+        with record_function("ijepa::loss"):
+            loss = F.smooth_l1_loss(z, h)
+        return (loss, z, h) if parts else loss
 
-    def forward(self, images, masks_enc, masks_pred):
-        return self.forward_parts(images, masks_enc, masks_pred)[0]
+    def forward_parts(self, images, masks_enc, masks_pred=None):
+        return self.forward(images, masks_enc, masks_pred, parts=True)
 
     # -------------------------------------------------------------- EMA
     @torch.no_grad()
-    def update_target(self, momentum, targets_lowp=None):
+    def update_target(self, momentum):
         """target = m * target + (1 - m) * encoder over ALL parameters (frozen pos_embed too),
-        in ``parameters()`` order, as the reference does. On the Triton backend the pointer
-        tables are built once and reused (one launch per step)."""
-        targets, sources = list(self.target_encoder.parameters()), list(self.encoder.parameters())
-        backend = select("ema", self.ema_backend, targets[0].device, ("triton", "torch"), kema.BACKENDS)
-        if backend != "triton":
-            kema.fused_ema_(targets, sources, momentum, targets_lowp=targets_lowp, backend=backend)
-            return
-        key = (tuple(t.data_ptr() for t in targets), tuple(s.data_ptr() for s in sources),
-               None if targets_lowp is None else tuple(t.data_ptr() for t in targets_lowp))
-        if getattr(self, "_ema_plan_key", None) != key:   # parameters moved: rebuild the tables
-            self._ema_plan = kema.MultiTensorEMA(targets, sources, targets_lowp)
-            self._ema_plan_key = key
-        self._ema_plan(momentum)
+        in ``parameters()`` order, as the reference does; one fused launch on the Triton backend."""
+        if getattr(self, "_ema", None) is None:
+            self._ema = kema.EMAPlan(self.ema_backend)
+        self._ema.backend = self.ema_backend
+        self._ema(self.target_encoder.parameters(), self.encoder.parameters(), momentum)
 
     # -------------------------------------------------------------- optimiser groups
     def param_groups(self):
-        """The reference's four AdamW groups: decayed encoder / predictor weights, then
-        non-decayed ('bias' in name or 1-D) encoder / predictor params flagged WD_exclude."""
-        def split(mod, decay):
-            return [p for n, p in mod.named_parameters()
-                    if (("bias" not in n) and (p.ndim != 1)) == decay]
-        return [
-            {"params": split(self.encoder, True)},
-            {"params": split(self.predictor, True)},
-            {"params": split(self.encoder, False), "WD_exclude": True, "weight_decay": 0},
-            {"params": split(self.predictor, False), "WD_exclude": True, "weight_decay": 0},
-        ]
+        """The reference's four AdamW groups (``param_group_names``)."""
+        params = {f"{part}.{n}": p for part in ("encoder", "predictor")
+                  for n, p in getattr(self, part).named_parameters()}
+        groups = [{"params": [params[n] for n in names]} for names in param_group_names(params)]
+        for g in groups[2:]:
+            g.update(WD_exclude=True, weight_decay=0)
+        return groups
 
     # -------------------------------------------------------------- reference checkpoints
     def reference_state_dict(self, module_prefix: bool = True) -> dict:
@@ -505,6 +552,17 @@ class IJEPA(nn.Module):
         for name in ("encoder", "predictor", "target_encoder"):
             sd = ckpt.get(name, ckpt["encoder"] if name == "target_encoder" else None)
             getattr(self, name).load_state_dict(strip_module_prefix(sd), strict=strict)
+
+
+def param_group_names(params: dict) -> list:
+    """Names of the reference's four AdamW groups, in its order, from ``{"encoder.x": tensor,
+    "predictor.y": tensor}``: decayed encoder / predictor weights, then the non-decayed ('bias' in
+    the name, or 1-D) encoder / predictor parameters. Frozen tables are included, as the
+    reference includes them (they never get a gradient, so never an optimizer state)."""
+    def split(part, decay):
+        return [n for n, p in params.items() if n.startswith(part + ".")
+                and (("bias" not in n) and (p.ndim != 1)) == decay]
+    return [split("encoder", True), split("predictor", True), split("encoder", False), split("predictor", False)]
 
 
 def normalise_over_batch(h: torch.Tensor, mode: str, across_ranks: bool = False) -> torch.Tensor:

@@ -481,7 +481,19 @@ _flash_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 # ------------------------------------------------------------------------------------ other backends
-def attention_naive(q, k, v, scale=None, cu_seqlens=None):
+def _bounds(cu_seqlens, seqlens):
+    """(start, end) of every packed sequence, from host lengths when the caller has them (reading
+    ``cu_seqlens`` back would wait for the device)."""
+    if seqlens is None:
+        seqlens = cu_seqlens.diff().tolist()
+    out, a = [], 0
+    for n in seqlens:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
+def attention_naive(q, k, v, scale=None, cu_seqlens=None, seqlens=None):
     """The reference's attention (I-JEPA ``src/models/vision_transformer.py``): scores are
     materialised, scaled after the matmul, softmaxed in the input dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -489,8 +501,7 @@ def attention_naive(q, k, v, scale=None, cu_seqlens=None):
         attn = (q @ k.transpose(-2, -1)) * scale
         return attn.softmax(dim=-1) @ v
     outs = []
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in _bounds(cu_seqlens, seqlens):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))      # [H, n, d]
         outs.append(attention_naive(qs, ks, vs, scale).transpose(0, 1))
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
@@ -550,7 +561,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return dq.view(ctx.shape), dk.view(ctx.shape), dv.view(ctx.shape), None, None
 
 
-def attention_chunked(q, k, v, scale=None, cu_seqlens=None):
+def attention_chunked(q, k, v, scale=None, cu_seqlens=None, seqlens=None):
     """The ``chunked`` backend (dense; packed sequences one at a time)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # a custom Function's forward always runs without grad mode: decide here what to save
@@ -558,20 +569,18 @@ def attention_chunked(q, k, v, scale=None, cu_seqlens=None):
     with torch.autocast(q.device.type, enabled=False):   # dtypes are chosen inside; no autocast casts
         if cu_seqlens is None:
             return _ChunkedAttention.apply(q, k, v, scale, save)
-        bounds = cu_seqlens.tolist()
         outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
-                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+                for a, b in _bounds(cu_seqlens, seqlens) if b > a]
     return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
-def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen):
+def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen, seqlens=None):
     if cu_seqlens is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     # Packed: jagged nested tensors ([S, j, H, d] -> [S, H, j, d]); runs on CPU and CUDA, with
     # autograd to the packed values, and never builds a T x T mask.
     offsets = cu_seqlens.to(torch.int64)
-    lens = offsets.diff()
-    min_len = int(lens.min()) if lens.numel() else 0
+    min_len = min(seqlens) if seqlens else (int(offsets.diff().min()) if offsets.numel() > 1 else 0)
 
     def nest(x):
         return torch.nested.nested_tensor_from_jagged(x, offsets, min_seqlen=min_len,
@@ -580,15 +589,14 @@ def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen):
     return out.transpose(1, 2).values()
 
 
-def _attention_xformers(q, k, v, scale, cu_seqlens):
+def _attention_xformers(q, k, v, scale, cu_seqlens, seqlens=None):
     import xformers.ops as xops
     if cu_seqlens is None:                       # xformers wants [B, N, H, d]
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               scale=scale)
         return out.transpose(1, 2)
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
-    seqlens = cu_seqlens.diff().tolist()
-    bias = BlockDiagonalMask.from_seqlens(seqlens)
+    bias = BlockDiagonalMask.from_seqlens(seqlens if seqlens is not None else cu_seqlens.diff().tolist())
     out = xops.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                           attn_bias=bias, scale=scale)
     return out.squeeze(0)
@@ -654,11 +662,11 @@ def _check_inputs(q, k, v, cu_seqlens):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
               max_seqlen: Optional[int] = None, backend: str = "auto",
-              scale: Optional[float] = None) -> torch.Tensor:
+              scale: Optional[float] = None, seqlens: Optional[list] = None) -> torch.Tensor:
     """Non-causal softmax attention. See the module docstring for layouts and backends.
 
-    ``max_seqlen`` (packed only): the longest sequence; computed from ``cu_seqlens`` (a device
-    sync) when not given.
+    ``max_seqlen`` / ``seqlens`` (packed only): the longest sequence and every sequence's length,
+    as host numbers; computed from ``cu_seqlens`` (a device sync) when not given.
     """
     _check_inputs(q, k, v, cu_seqlens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
@@ -667,18 +675,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Opt
         if cu_seqlens.dtype != torch.int32:
             cu_seqlens = cu_seqlens.to(torch.int32)
         if max_seqlen is None:
-            max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+            max_seqlen = max(seqlens) if seqlens else (int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0)
         max_seqlen = int(max_seqlen)
     if b == "triton":
         return _flash_fwd_op(q, k, v, cu_seqlens, max_seqlen if max_seqlen is not None else q.shape[2],
                              scale)[0]
     if b == "sdpa":
-        return _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen)
+        return _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen, seqlens)
     if b == "xformers":
-        return _attention_xformers(q, k, v, scale, cu_seqlens)
+        return _attention_xformers(q, k, v, scale, cu_seqlens, seqlens)
     if b == "chunked":
-        return attention_chunked(q, k, v, scale, cu_seqlens)
-    return attention_naive(q, k, v, scale, cu_seqlens)
+        return attention_chunked(q, k, v, scale, cu_seqlens, seqlens)
+    return attention_naive(q, k, v, scale, cu_seqlens, seqlens)
 
 
 # ------------------------------------------------------------------------------------ AOT specs

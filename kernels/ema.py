@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels.dispatch import select
 
-__all__ = ["fused_ema_", "MultiTensorEMA", "ema_ref_", "ema_foreach_", "ema_tile", "aot_specs"]
+__all__ = ["fused_ema_", "MultiTensorEMA", "EMAPlan", "ema_ref_", "ema_foreach_", "ema_tile", "aot_specs"]
 
 BACKENDS = ("triton", "torch", "naive")
 Momentum = Union[float, torch.Tensor]
@@ -257,6 +257,29 @@ class MultiTensorEMA:
                 MOMENTUM_ON_DEVICE=on_device, ALIGNED=launch["ALIGNED"],
                 BLOCK=self.tile.block, BLOCKS_PER_CHUNK=self.tile.blocks_per_chunk,
                 num_warps=self.tile.num_warps)
+
+
+class EMAPlan:
+    """``fused_ema_`` for a training loop: called every step on the same tensors, it builds the
+    Triton pointer tables once and rebuilds them only when a tensor's storage moved (compared on
+    the host, no device sync; DeepSpeed may re-link its fp32 fragments after a checkpoint load)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self._key, self._plan = None, None
+
+    def __call__(self, targets, sources, momentum: Momentum, targets_lowp=None) -> None:
+        targets, sources = list(targets), list(sources)
+        if not targets:
+            return
+        chosen = select("ema", self.backend, targets[0].device, preference=("triton", "torch"), allowed=BACKENDS)
+        if chosen != "triton":
+            fused_ema_(targets, sources, momentum, targets_lowp=targets_lowp, backend=chosen)
+            return
+        key = tuple(t.data_ptr() for t in targets + sources + list(targets_lowp or []))
+        if key != self._key:
+            self._plan, self._key = MultiTensorEMA(targets, sources, targets_lowp), key
+        self._plan(momentum)
 
 
 def fused_ema_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], momentum: Momentum,

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.cli import main as cli
-from engine.convert import infer_arch, read_checkpoint
-from engine.eval import extract_features, load_encoder
+from engine.tools.convert import infer_arch, read_checkpoint
+from engine.tools.eval import extract_features, load_encoder
 from engine.model import strip_module_prefix
 from ijepa_tiny_ckpt import assert_same, make_engine_checkpoint
 
@@ -260,7 +260,7 @@ def test_missing_input_file(tmp_path, capsys):
 def test_file_that_is_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "x.pth.tar").write_bytes(os.urandom(2000))
     assert run_cli("--input", tmp_path / "x.pth.tar", "--output", tmp_path / "o", "--to", "hf") == 2
-    assert "not a PyTorch checkpoint" in error_line(capsys)
+    assert "not a readable checkpoint" in error_line(capsys)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "y.pth.tar")
     assert run_cli("--input", tmp_path / "y.pth.tar", "--output", tmp_path / "o", "--to", "hf") == 2
     assert "not an I-JEPA checkpoint" in error_line(capsys)

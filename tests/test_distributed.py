@@ -44,7 +44,7 @@ def harness(tmp_path_factory):
     work = tmp_path_factory.mktemp("ds")
     out = work / "out.json"
     t0 = time.time()
-    p = _torchrun([os.path.join(ROOT, "tests", "ds_harness.py"), "equiv,loop", str(out), str(work)])
+    p = _torchrun([os.path.join(ROOT, "tests", "ds_harness.py"), "equiv,cross,loop", str(out), str(work)])
     assert p.returncode == 0, _tail(p)
     res = json.loads(out.read_text())
     res["launch_seconds"] = time.time() - t0
@@ -58,7 +58,7 @@ def _cases(res, precision):
 @pytest.mark.slow   # torchrun launches
 def test_fp32_every_stage_matches_single_process_engine(harness):
     """ZeRO 0-3, 2 ranks, 5 steps (with grad accumulation 2 + clipping 0.5 on stages 1 and 3):
-    same losses, target encoder and fp32 weights as engine.train.train_step on the global batch."""
+    same losses, target encoder and fp32 weights as the one-process strategy on the global batch."""
     cases = _cases(harness, "fp32")
     assert sorted(c["stage"] for c in cases) == [0, 1, 2, 3]
     for c in cases:
@@ -82,8 +82,8 @@ def test_batch_normalised_targets_use_the_global_batch(harness):
 @pytest.mark.slow   # torchrun launches
 def test_bf16_every_stage_close_to_single_process_engine(harness):
     """bf16 module weights and bf16 gradient reduction vs the single-process bf16 autocast engine
-    (fp32 weights). Measured ~2e-4 on every stage; the bound is 2e-3 (the issue asks 1e-2), tight
-    enough to catch DeepSpeed's ZeRO-0 bf16 start-up optimizer step, which gave 4.7e-3."""
+    (fp32 weights). Measured ~2e-4 on every stage; the bound is 2e-3, tight enough to catch
+    DeepSpeed's ZeRO-0 bf16 start-up optimizer step, which gave 4.7e-3."""
     cases = _cases(harness, "bf16")
     assert sorted(c["stage"] for c in cases) == [0, 1, 2, 3]
     for c in cases:
@@ -93,17 +93,17 @@ def test_bf16_every_stage_close_to_single_process_engine(harness):
 
 @pytest.mark.slow   # torchrun launches
 def test_checkpoint_reload_replays_steps_bit_for_bit(harness):
-    """Save after step 3, reload into a fresh engine: steps 3-4 give identical losses and target."""
+    """Save after step 3, reload into a fresh strategy: steps 3-4 give identical losses, weights and target."""
     for c in harness["equiv"]["cases"]:
         assert c["resumed"] == c["losses"][3:], c
-        assert c["resume_target_diff"] == 0.0, c
+        assert c["resume_target_diff"] == 0.0 and c["resume_student_diff"] == 0.0, c
 
 
 @pytest.mark.slow   # torchrun launches
-def test_export_engine_format_continues_in_single_process_engine(harness):
-    """The step-3 checkpoint exported to one engine file: fp32 weights and target equal the live
-    ZeRO state exactly, and the single-process engine continues with the same losses (the AdamW
-    moments were consolidated correctly)."""
+def test_export_continues_in_single_process_engine(harness):
+    """The step-3 checkpoint exported to one engine file: fp32 weights and target equal the sharded
+    checkpoint exactly, and the one-process strategy continues with the same losses (the Adam
+    moments and step count were carried over)."""
     for c in harness["equiv"]["cases"]:
         assert c["export_step"] == 3
         assert c["export_weight_diff"] == 0.0, c
@@ -128,10 +128,26 @@ def test_zero3_bf16_target_moves_every_step(harness):
     assert mv["naive_bf16_stuck_fraction"] > 0.05, mv
 
 
+@pytest.mark.slow   # torchrun launches
+@pytest.mark.parametrize("move", ["zero2_to_local", "local_to_zero3", "zero3_to_zero1"])
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-6), ("bf16", 2e-3)])
+def test_checkpoints_move_between_backends_and_rank_counts(harness, move, precision, tol):
+    """3 steps under one backend, checkpoint, 2 more under another (2 ranks ZeRO-2 -> 1 process;
+    1 process -> 2 ranks ZeRO-3; ZeRO-3 -> ZeRO-1), on the same batches as an uninterrupted
+    one-process run: the losses continue within fp32 (bf16) rounding, so weights, Adam moments and
+    step count, and the EMA target all carried over."""
+    r = harness["cross"][f"{move}_{precision}"]
+    assert len(r["split"]) == len(r["straight"]) == 5
+    assert max(abs(a - b) for a, b in zip(r["split"], r["straight"])) < tol, r
+    assert r["split"][-1] < r["split"][0]
+    if "adam_step" in r:
+        assert r["adam_step"] == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["2", "3"])
 def test_training_loop_resume_is_exact(harness, stage):
-    """train_deepspeed straight (8 steps) vs stopped at step 3 and resumed with --resume semantics."""
+    """engine.train.train straight (8 steps) vs stopped at step 3 and resumed with --resume."""
     r = harness["loop"][stage]
     assert r["steps"] == [8, 3, 8] and r["stop"] == ["finished", "max_steps"]
     assert r["first"] + r["second"] == r["straight"]      # bitwise-equal floats
@@ -141,26 +157,34 @@ def test_training_loop_resume_is_exact(harness, stage):
     assert [t for t in r["tags"] if t.startswith("step")] == ["step00000006", "step00000008"]
 
 
+@pytest.mark.slow
+def test_training_loop_resumes_under_another_zero_stage(harness):
+    """ZeRO-3 for 3 steps, --resume under ZeRO-1 for the rest: the same losses as ZeRO-3 throughout
+    (same ranks, so the same data order; both keep fp32 masters and moments)."""
+    r = harness["loop"]["3to1"]
+    assert r["steps"] == [3, 8]
+    assert max(abs(a - b) for a, b in zip(r["split"], r["straight"])) < 2e-3
+
+
 # ------------------------------------------------------------------ CLI + export round trip
 @pytest.mark.slow   # torchrun launches
-def test_cli_zero3_train_then_export_round_trip(tmp_path):
-    from engine.checkpoint import load_file, restore
-    from engine.masks import MultiBlockMaskSampler
+def test_cli_zero3_train_then_export_then_resume_in_one_process(tmp_path):
+    from engine.checkpoint import Snapshot, load_file
     from engine.model import build_model
-    from engine.train import build_optimizer
     run = tmp_path / "run"
     p = _torchrun(["-m", "engine.cli", "train", "--config", SMOKE, "--zero", "3", "--quiet",
                    "--override", f"logging.folder={run}", "--override", "train.max_steps=5",
                    "--override", "train.precision=bf16"], timeout=300)
     assert p.returncode == 0, _tail(p)
     assert "trained 5 steps (max_steps)" in p.stderr
-    ckdir = run / "jepa-ds"
+    ckdir = run / "jepa-sharded"
     assert (ckdir / "latest").read_text() == "step00000005"
+    assert sorted(os.listdir(ckdir / "step00000005")) == ["rank00000.pt", "rank00001.pt"]
     rows = (run / "jepa_r0.csv").read_text().splitlines()
     assert len(rows) == 6 and rows[0].startswith("epoch,itr,loss")
 
     cfg = IJEPAConfig.from_yaml(SMOKE, [f"logging.folder={run}"])
-    ref_file, eng_file = tmp_path / "ref.pth.tar", tmp_path / "eng.pth.tar"
+    ref_file = tmp_path / "ref.pth.tar"
     assert cli_main(["export", "--checkpoint", str(ckdir), "--output", str(ref_file)]) == 0
     ref = load_file(str(ref_file))
     assert "engine" not in ref and ref["epoch"] == 1 and ref["world_size"] == 2
@@ -171,26 +195,30 @@ def test_cli_zero3_train_then_export_round_trip(tmp_path):
                                                             model.encoder.parameters()))
     assert drift > 0                                      # the target is its own EMA, not a copy
     assert len(ref["opt"]["param_groups"]) == 4 and ref["opt"]["param_groups"][2]["WD_exclude"]
+    assert len(ref["opt"]["state"]) > 0
 
-    assert cli_main(["export", "--checkpoint", str(ckdir), "--tag", "step00000004", "--format", "engine",
-                     "--output", str(eng_file)]) == 0
-    eng = load_file(str(eng_file))
-    m2 = build_model(cfg)
-    opt = build_optimizer(m2, cfg, torch.device("cpu"))
-    sampler = MultiBlockMaskSampler.from_config(cfg)
-    e = restore(eng, m2, opt, sampler)
-    assert (e["step"], e["epoch"], e["batch_in_epoch"]) == (4, 1, 0)
-    assert sampler.counter == 3 and len(opt.state) > 0
-    assert e["deepspeed"]["zero_stage"] == 3 and e["deepspeed"]["tag"] == "step00000004"
+    # the same run continues in ONE process from the sharded checkpoint. 2 ranks x 8 images had done
+    # 4 steps of epoch 1 and 1 of epoch 2 (16 of its images); one process at 8 images has 8 steps
+    # per epoch, so epoch 2 continues after 2 steps: step 8 + 2 = 10, then 2 more
+    p = subprocess.run([PY, "-m", "engine.cli", "train", "--config", SMOKE, "--resume", "--quiet",
+                        "--override", f"logging.folder={run}", "--override", "train.max_steps=12",
+                        "--override", "train.precision=bf16"], cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, _tail(p)
+    assert "resuming a run of 2 rank(s) x batch 8 x accumulation 1 on 1 x 8 x 1" in p.stderr
+    assert "after 16 of its samples, at step 10" in p.stderr and "trained 12 steps" in p.stderr
+    snap = Snapshot(str(run / "jepa-latest.pth.tar"))
+    assert snap.meta["step"] == 12 and snap.meta["world_size"] == 1 and snap.meta["adam_step"] == 7
 
 
 def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert cli_main(["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not a directory" in err[0]
+    assert len(err) == 1 and "checkpoint not found" in err[0]
     (tmp_path / "ck").mkdir()
     assert cli_main(["export", "--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "x")]) == 2
-    assert "no 'latest' file" in capsys.readouterr().err
+    assert "'latest' file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_rejects_bad_deepspeed_section_before_connecting(tmp_path, capsys):
@@ -272,7 +300,7 @@ def test_launch_env_detection():
 
 
 def test_deepspeed_config_merge(tmp_path):
-    from engine.distributed import build_ds_config
+    from engine.zero import build_ds_config
     cfg = IJEPAConfig.from_yaml(SMOKE, ["optimization.grad_accum_steps=2", "train.precision=bf16"])
     cfg.deepspeed = {"zero_optimization": {"stage": 1, "overlap_comm": True}, "gradient_clipping": "auto",
                      "communication_data_type": "fp32"}
@@ -301,7 +329,7 @@ def test_deepspeed_config_merge(tmp_path):
 
 
 def test_zero_memory_table_vith14():
-    from engine.distributed import count_params, format_memory_table, zero_memory_table
+    from engine.zero import count_params, format_memory_table, zero_memory_table
     cfg = IJEPAConfig.from_yaml(os.path.join(ROOT, "configs", "in1k_vith14_ep300.yaml"),
                                 ["data.root_path=.", "logging.folder=runs/x"], validate=False)
     n = count_params(cfg)
@@ -315,11 +343,21 @@ def test_zero_memory_table_vith14():
     assert "| 3 | 16 |" in format_memory_table(rows)
 
 
-def test_assemble_target_detects_missing_shards():
-    from engine.distributed import assemble_target
-    shapes = {"w": (2, 3)}
-    full = assemble_target([{"fragments": [("w", 0, 4)], "data": torch.arange(4.)},
-                            {"fragments": [("w", 4, 2)], "data": torch.tensor([4., 5.])}], shapes)
-    assert torch.equal(full["w"], torch.arange(6.).view(2, 3))
-    with pytest.raises(ConfigError, match="incomplete"):
-        assemble_target([{"fragments": [("w", 0, 4)], "data": torch.arange(4.)}], shapes)
+def test_snapshot_detects_a_missing_rank_file(tmp_path):
+    """A sharded checkpoint whose rank files do not tile a tensor is refused, naming the tensor."""
+    from engine.checkpoint import SHARD_FORMAT, Snapshot, save_atomic
+    from engine.errors import CheckpointError
+    base = {"format": SHARD_FORMAT, "world_size": 2, "strategy": "zero3", "precision": "fp32", "config": {},
+            "adam_step": 0, "param_names": [], "param_hparams": [], "progress": {"step": 1},
+            "shapes": {"weights": {"encoder.w": (2, 3)}, "target": {}}}
+    frag = lambda a, k: {"weights": {"fragments": [("encoder.w", a, k)], "data": torch.arange(a, a + k, dtype=torch.float32)},  # noqa: E731
+                         "exp_avg": {"fragments": [], "data": torch.zeros(0)}}
+    save_atomic({**base, "rank": 0, "tensors": frag(0, 4)}, str(tmp_path / "rank00000.pt"))
+    save_atomic({**base, "rank": 1, "tensors": frag(4, 2)}, str(tmp_path / "rank00001.pt"))
+    assert torch.equal(Snapshot(str(tmp_path)).tensor("weights", "encoder.w"), torch.arange(6.).view(2, 3))
+    save_atomic({**base, "rank": 1, "tensors": frag(4, 1)}, str(tmp_path / "rank00001.pt"))
+    with pytest.raises(CheckpointError, match="encoder.w.*5 of 6"):
+        Snapshot(str(tmp_path)).tensor("weights", "encoder.w")
+    os.unlink(tmp_path / "rank00001.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        Snapshot(str(tmp_path))

@@ -11,10 +11,11 @@ from engine import IJEPAConfig
 from engine.masks import MultiBlockMaskSampler
 from engine.model import build_model
 from engine.schedules import Schedules
-from engine.train import build_optimizer, train_step
+from engine.strategy import LocalStrategy
+from engine.train import train_step
 
 SLOW = {"kernels": {"attention": "naive", "gather": "torch", "ema": "naive"},
-        "train": {"skip_unused_rows": False}}
+        "train": {"skip_unused_rows": False}, "optimization": {"fused_optimizer": False}}
 FAST = {"kernels": {"attention": "auto", "gather": "auto", "ema": "auto"},
         "train": {"skip_unused_rows": True}, "optimization": {"fused_optimizer": True}}
 
@@ -32,8 +33,8 @@ def cfg_with(extra, precision):
 
 
 def run(cfg, steps=20):
-    model = build_model(cfg)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    strategy = LocalStrategy(cfg)
+    model = strategy.model
     sched = Schedules.from_config(cfg, ipe=5)
     torch.manual_seed(0)
     sampler = MultiBlockMaskSampler.from_config(cfg)
@@ -42,8 +43,8 @@ def run(cfg, steps=20):
     for step in range(steps):
         x = torch.randn(4, 3, 32, 32, generator=g)
         me, mp = sampler(4)
-        loss, _ = train_step(model, opt, [(x, me, mp)], lr=sched.lr(step), wd=sched.wd(step),
-                             momentum=sched.momentum(step), precision=cfg.precision, device=torch.device("cpu"))
+        loss, _ = train_step(strategy, [(x, me, mp)], lr=sched.lr(step), wd=sched.wd(step),
+                             momentum=sched.momentum(step))
         losses.append(float(loss))
     return losses, model
 
@@ -131,10 +132,9 @@ def test_training_step_with_triton_kernels_matches_torch_path(kernel_set):
     results = []
     for extra in (base, tri):
         cfg = cfg_with(extra, "fp32")
-        m = build_model(cfg)
-        opt = build_optimizer(m, cfg, torch.device("cpu"))
-        loss, _ = train_step(m, opt, [(x, me, mp)], lr=1e-3, wd=0.04, momentum=0.99, precision="fp32",
-                             device=torch.device("cpu"))
+        strategy = LocalStrategy(cfg)
+        m = strategy.model
+        loss, _ = train_step(strategy, [(x, me, mp)], lr=1e-3, wd=0.04, momentum=0.99)
         m2 = build_model(cfg)
         m2(x, me, mp).backward()
         results.append((float(loss), [p.grad for p in m2.parameters() if p.grad is not None],

@@ -16,7 +16,8 @@ from engine import IJEPA, IJEPAConfig
 from engine.masks import MultiBlockMaskSampler
 from engine.model import sincos_pos_embed_2d
 from engine.schedules import Schedules
-from engine.train import build_optimizer, train_step
+from engine.strategy import LocalStrategy
+from engine.train import train_step
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reference_tiny.pt")
 
@@ -34,14 +35,15 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def tiny_cfg(**kernels):
+def tiny_cfg(fused=False, **kernels):
     return IJEPAConfig.from_dict({
         "meta": {"model_name": "vit_tiny", "pred_depth": 2, "pred_emb_dim": 24, "use_bfloat16": False},
         "model": {"embed_dim": 48, "depth": 2, "num_heads": 3},
         "data": {"dataset": "synthetic", "crop_size": 32},
         "mask": {"patch_size": 4, "min_keep": 4},
         "optimization": {"epochs": 3, "warmup": 1, "lr": 1e-3, "start_lr": 2e-4, "final_lr": 1e-6,
-                         "weight_decay": 0.04, "final_weight_decay": 0.4, "ema": [0.996, 1.0]},
+                         "weight_decay": 0.04, "final_weight_decay": 0.4, "ema": [0.996, 1.0],
+                         "fused_optimizer": fused},
         "kernels": {"attention": "naive", "gather": "torch", "ema": "naive", **kernels}})
 
 
@@ -172,14 +174,14 @@ def test_three_training_steps_match_reference(path):
     m = _loaded_model(**kernels)
     m.predictor.skip_unused_rows = skip_unused_rows
     rtol = 5e-7 if skip_unused_rows else 0.0
-    opt = build_optimizer(m, cfg, torch.device("cpu"))
+    strategy = LocalStrategy(cfg, model=m)
     sched = Schedules.from_config(cfg, ipe=7)
     imgs = fx()["steps"]["imgs"]
     for i, ref in enumerate(fx()["steps"]["per_step"]):
         me, mp = _step_masks(i)
         assert sched.lr(i) == ref["lr"] and sched.wd(i) == ref["wd"] and sched.momentum(i) == ref["momentum"]
-        loss, skipped = train_step(m, opt, [(imgs, me, mp)], lr=sched.lr(i), wd=sched.wd(i),
-                                   momentum=sched.momentum(i), precision="fp32", device=torch.device("cpu"))
+        loss, skipped = train_step(strategy, [(imgs, me, mp)], lr=sched.lr(i), wd=sched.wd(i),
+                                   momentum=sched.momentum(i))
         assert not bool(skipped)
         assert abs(float(loss) - ref["loss"]) <= 1e-6 * ref["loss"], (i, float(loss), ref["loss"])
         for part in ("encoder", "predictor", "target_encoder"):
@@ -192,11 +194,10 @@ def test_three_training_steps_match_reference(path):
 
 
 def test_checkpoint_layout_matches_reference_keys(tmp_path):
-    from engine.checkpoint import build_state
     keys = fx()["checkpoint_keys"]
-    m = _loaded_model()
-    opt = build_optimizer(m, tiny_cfg(), torch.device("cpu"))
-    state = build_state(m, opt, tiny_cfg(), epoch=1, step=7, batch_in_epoch=0, loss=0.4, sampler=None)
+    strategy = LocalStrategy(tiny_cfg(), model=_loaded_model())
+    opt = strategy.optimizer
+    state = strategy.state({"epoch": 1, "step": 7, "batch_in_epoch": 0, "loss": 0.4})
     assert set(keys["top_level"]) <= set(state)
     for part in ("encoder", "predictor", "target_encoder"):
         assert list(state[part]) == keys[part]

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from engine import IJEPAConfig
-from engine.checkpoint import CheckpointError, load_file, save_atomic
-from engine.train import NonFiniteError, train, train_step
+from engine.checkpoint import load_file, save_atomic
+from engine.errors import CheckpointError, NonFiniteError
+from engine.strategy import LocalStrategy
+from engine.train import train, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -138,34 +140,37 @@ def test_corrupt_images_are_counted_and_skipped_not_fatal(tmp_path):
     assert len(ck["engine"]["bad_files"]) >= 2
 
 
-def _nan_batch(cfg, model):
+def _nan_batch(cfg, model, poison=True):
     from engine.masks import MultiBlockMaskSampler
     s = MultiBlockMaskSampler.from_config(cfg)
     me, mp = s(2)
     x = torch.randn(2, 3, 32, 32)
-    x[0, 0, 0, 0] = float("nan")
+    if poison:
+        x[0, 0, 0, 0] = float("nan")
     return [(x, me, mp)]
 
 
-def test_nonfinite_step_is_skipped_but_ema_goes_on(tmp_path):
-    from engine.model import build_model
-    from engine.train import build_optimizer
-    cfg = smoke(tmp_path)
-    model = build_model(cfg)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+@pytest.mark.parametrize("fused", [True, False])
+def test_nonfinite_step_is_skipped_but_ema_goes_on(tmp_path, fused):
+    cfg = smoke(tmp_path, f"optimization.fused_optimizer={str(fused).lower()}")
+    strategy = LocalStrategy(cfg)
+    model, opt = strategy.model, strategy.optimizer
+    train_step(strategy, _nan_batch(cfg, model, poison=False), lr=1e-3, wd=0.04, momentum=0.9)  # Adam has state
     enc = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    moments = {(i, k): v.clone() for i, st in enumerate(opt.state.values()) for k, v in st.items()}
     with torch.no_grad():
         model.target_encoder.norm.weight.add_(1.0)   # so the EMA visibly moves the target
     tgt = model.target_encoder.norm.weight.clone()
-    loss, skipped = train_step(model, opt, _nan_batch(cfg, model), lr=1e-3, wd=0.04, momentum=0.9,
-                               precision="fp32", device=torch.device("cpu"))
+    loss, skipped = train_step(strategy, _nan_batch(cfg, model), lr=1e-3, wd=0.04, momentum=0.9)
     assert skipped and not torch.isfinite(loss)
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(v, enc[k])
+    assert all(torch.equal(v, moments[i, k]) for i, st in enumerate(opt.state.values()) for k, v in st.items())
     assert not torch.equal(model.target_encoder.norm.weight, tgt)
+    tgt = model.target_encoder.norm.weight.clone()
     with pytest.raises(NonFiniteError):
-        train_step(model, opt, _nan_batch(cfg, model), lr=1e-3, wd=0.04, momentum=0.9,
-                   precision="fp32", device=torch.device("cpu"), nonfinite="stop")
+        train_step(strategy, _nan_batch(cfg, model), lr=1e-3, wd=0.04, momentum=0.9, nonfinite="stop")
+    assert torch.equal(model.target_encoder.norm.weight, tgt)   # stop mode: not even the EMA moved
 
 
 def test_nonfinite_stop_mode_keeps_a_checkpoint(tmp_path, monkeypatch):

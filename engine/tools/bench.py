@@ -1,20 +1,20 @@
 """``ijepa bench`` and ``ijepa profile``: where the time goes, and how the engine compares.
 
 * ``bench e2e``: the engine's training step against the reference's (imported at run time
-  from the user's checkout, see ``engine.refharness``), same model, batch, masks, initial
+  from the user's checkout, see ``engine.tools.refharness``), same model, batch, masks, initial
   weights and precision, steps alternating; median step time, images/s, peak memory, the
   loss of both at every step.
 * ``bench kernels``: runs ``benchmarks/bench_*.py`` as subprocesses and tabulates their JSON.
-* ``bench flops``: the analytic FLOP model (``engine.flops``), MFU, the paper's derived figure.
-* ``profile``: engine (and optionally reference) steps split into phases, plus a
-  ``torch.profiler`` trace and the top operators.
+* ``bench flops``: the analytic FLOP model (``engine.tools.flops``), MFU, the paper's derived figure.
+* ``profile``: engine (and optionally reference) steps under ``torch.profiler``; the phases are
+  the ``record_function`` ranges inside ``engine.train.train_step`` itself (and the reference's
+  step), plus a trace and the top operators.
 
 Every output (stdout markdown, ``--json``, PNG footer) names the device, CPU model, thread
 count, torch version, git commit, date and the exact command.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
@@ -32,12 +32,13 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
+from torch.profiler import record_function
 
 from engine.config import IJEPAConfig
-from engine.refharness import BenchUsageError
+from engine.strategy import resolve_device
+from engine.tools.refharness import BenchUsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Schedules need an epoch length; both sides get the same one, so lr/wd/momentum agree.
 BENCH_IPE = 100
 KERNEL_SCRIPTS = ("bench_gather.py", "bench_ema.py", "bench_attention.py")
@@ -106,14 +107,6 @@ def command_line(action: str, args, keys) -> str:
 
 
 # ===================================================================== setup
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchUsageError("--device cuda: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
-
-
 def load_config(args, synthetic: bool) -> IJEPAConfig:
     """The config with the command's overrides; ``synthetic``: images come from the harness."""
     cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
@@ -164,19 +157,18 @@ def to_device(masks, device):
 
 # ===================================================================== the engine side
 class EngineRunner:
-    """The engine's model and optimizer; ``step`` is ``engine.train.train_step`` itself."""
+    """The engine's one-process strategy; ``step`` is ``engine.train.train_step`` itself."""
 
     name = "engine"
 
     def __init__(self, cfg, device, precision: str, ipe: int, ref_state: dict | None = None):
-        from engine.model import build_model
         from engine.schedules import Schedules
-        from engine.train import build_optimizer
-        self.cfg, self.device, self.precision = cfg, torch.device(device), precision
-        self.model = build_model(cfg, self.device)
+        from engine.strategy import LocalStrategy
+        self.cfg = cfg
+        self.strategy = LocalStrategy(cfg, device)
+        self.model = self.strategy.model
         if ref_state is not None:
             self.model.load_reference_state_dict(ref_state)
-        self.opt = build_optimizer(self.model, cfg, self.device)
         self.sched = Schedules.from_config(cfg, ipe)
         self.k = 0
 
@@ -184,66 +176,19 @@ class EngineRunner:
         from engine.train import train_step
         k = self.k
         loss, _skipped = train_step(
-            self.model, self.opt, [(images, masks_enc, masks_pred)], lr=self.sched.lr(k), wd=self.sched.wd(k),
-            momentum=self.sched.momentum(k), precision=self.precision, device=self.device,
-            clip_grad=self.cfg.optimization.clip_grad, nonfinite=self.cfg.train.nonfinite)
+            self.strategy, [(images, masks_enc, masks_pred)], lr=self.sched.lr(k), wd=self.sched.wd(k),
+            momentum=self.sched.momentum(k), clip_grad=self.cfg.optimization.clip_grad,
+            nonfinite=self.cfg.train.nonfinite)
         self.k += 1
-        return float(loss)
-
-    def step_phased(self, images, masks_enc, masks_pred, phase) -> float:
-        """``train_step``'s order (one micro-batch), split at the model's parts so each phase
-        can be timed; tests check it leaves the same loss and weights as ``train_step``."""
-        from engine.schedules import apply_lr_wd
-        from engine.train import autocast
-        model, opt, k = self.model, self.opt, self.k
-        masks_enc, masks_pred = list(masks_enc), list(masks_pred)
-        with phase("schedules"):
-            apply_lr_wd(opt, self.sched.lr(k), self.sched.wd(k))
-        with autocast(self.device, self.precision):
-            with phase("target_forward"):
-                h = model.targets(images, masks_enc, masks_pred)
-            with phase("context_forward"):
-                z = model.encoder(images, masks_enc)
-            with phase("predictor"):
-                z = model.predictor(z, masks_enc, masks_pred)
-            with phase("loss"):
-                loss = F.smooth_l1_loss(z, h)
-        with phase("backward"):
-            loss.backward()
-        with phase("finite_check"):
-            total = loss.detach().float()
-            params = [p for p in model.parameters() if p.grad is not None]
-            found_inf = (~torch.isfinite(total)).float()
-            torch._amp_foreach_non_finite_check_and_unscale_([p.grad for p in params], found_inf,
-                                                             torch.ones((), device=total.device))
-            if self.cfg.train.nonfinite == "stop" and bool(found_inf):
-                from engine.train import NonFiniteError
-                opt.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"non-finite loss or gradient (loss={float(total)})")
-        with phase("optimizer"):
-            clip = self.cfg.optimization.clip_grad
-            if clip:
-                torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            if getattr(opt, "_step_supports_amp_scaling", False) and opt.defaults.get("fused"):
-                opt.found_inf = found_inf
-                opt.step()
-                del opt.found_inf
-            elif not bool(found_inf):
-                opt.step()
-        with phase("zero_grad"):
-            opt.zero_grad(set_to_none=True)
-        with phase("ema"):
-            model.update_target(self.sched.momentum(k))
-        self.k += 1
-        with phase("loss_read"):
-            return float(total)
+        with record_function("ijepa::loss_read"):
+            return float(loss)
 
 
 def build_runners(cfg, device, precision, reference, seed):
     """(engine, reference or None); the engine starts from the reference's initial weights."""
     ref = None
     if reference is not None:
-        from engine.refharness import ReferenceRunner
+        from engine.tools.refharness import ReferenceRunner
         ref = ReferenceRunner(reference, cfg, device, precision, BENCH_IPE, seed)
     eng = EngineRunner(cfg, device, precision, BENCH_IPE, ref.state_dicts() if ref else None)
     return eng, ref
@@ -278,7 +223,7 @@ def probe_main(spec_json: str) -> int:
     batch, seed, n = cfg.data.batch_size, spec["seed"], spec["steps"]
     masks = sample_masks(cfg, batch, n, seed)
     if spec["side"] == "reference":
-        from engine.refharness import ReferenceRunner, load_reference
+        from engine.tools.refharness import ReferenceRunner, load_reference
         runner = ReferenceRunner(load_reference(spec["reference"]), cfg, device, cfg.precision, BENCH_IPE, seed)
     else:
         runner = EngineRunner(cfg, device, cfg.precision, BENCH_IPE)
@@ -320,7 +265,7 @@ def memory_probe(side: str, cfg, device, threads: int, seed: int, steps: int, re
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = str(threads)
-    code = "import sys; from engine.bench import probe_main; sys.exit(probe_main(sys.argv[1]))"
+    code = "import sys; from engine.tools.bench import probe_main; sys.exit(probe_main(sys.argv[1]))"
     try:
         p = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                            cwd=ROOT, env=env, timeout=timeout)
@@ -380,7 +325,7 @@ def _describe(cfg) -> str:
 
 # ===================================================================== bench e2e
 E2E_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "precision", "threads",
-            "batch_size", "seed", "mem_steps", "no_memory", "json", "markdown", "plot")
+            "batch_size", "seed", "mem_steps", "no_memory", "peak_tflops", "json", "markdown", "plot")
 
 
 def run_e2e(args) -> int:
@@ -388,13 +333,13 @@ def run_e2e(args) -> int:
         raise BenchUsageError("--steps must be >= 1 and --warmup >= 0")
     reference = None
     if args.reference is not None:
-        from engine.refharness import load_reference
+        from engine.tools.refharness import load_reference
         reference = load_reference(args.reference)   # bad path: one line, before any work
     cfg = load_config(args, synthetic=True)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     threads = setup_threads(args, cfg)
     if reference is not None:
-        from engine.refharness import check_buildable
+        from engine.tools.refharness import check_buildable
         check_buildable(cfg, reference)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # the reference's train.py turns it on
@@ -409,7 +354,10 @@ def run_e2e(args) -> int:
     runners = [eng] + ([ref] if ref else [])
     times = {r.name: [] for r in runners}
     losses = {r.name: [] for r in runners}
+    jit_warm = {}
     for i in range(total):
+        if i == args.warmup:
+            jit_warm = jit_compilations()
         imgs = make_images(cfg, batch, i, seed, device)
         me, mp = to_device(masks[i][0], device), to_device(masks[i][1], device)
         # swap the order every step so neither side always runs on a cache warmed by the other
@@ -423,6 +371,7 @@ def run_e2e(args) -> int:
         print(f"step {i + 1}/{total}" + ("" if i >= args.warmup else " (warm-up)") + ": "
               + ", ".join(f"{n} {times[n][-1] * 1000:.0f} ms loss {losses[n][-1]:.6f}" for n in times),
               file=sys.stderr, flush=True)
+    jit_after = jit_compilations()
     k_ctx = statistics.mean(m[0][0].shape[1] for m in masks)
     k_pred = statistics.mean(m[1][0].shape[1] for m in masks)
     del eng, ref, runners
@@ -437,7 +386,8 @@ def run_e2e(args) -> int:
                                         reference.path if side == "reference" and reference else None)
 
     report = summarise_e2e(cfg, meta, device, precision, times, losses, memory, args.warmup, k_ctx, k_pred,
-                           mask_ms, threads)
+                           mask_ms, threads, args.peak_tflops)
+    report["recompiled_after_warmup"] = {k: v for k, v in jit_after.items() if v != jit_warm.get(k)}
     md = format_e2e(report)
     print(md)
     if args.json:
@@ -453,11 +403,29 @@ def run_e2e(args) -> int:
     return 0
 
 
-def summarise_e2e(cfg, meta, device, precision, times, losses, memory, warmup, k_ctx, k_pred, mask_ms, threads):
-    from engine.flops import device_peak_tflops, flops_from_config, is_paper_vith14, mfu, paper_reference_figure
+def jit_compilations() -> dict:
+    """Compiled variants so far: per Triton kernel of ``kernels``, and torch.compile graphs. A count
+    that grows during the timed steps means a re-specialisation there: those steps include a compile."""
+    import kernels.attention
+    import kernels.ema
+    import kernels.gather
+    out = {}
+    for mod in (kernels.attention, kernels.ema, kernels.gather):
+        for name, fn in vars(mod).items():
+            caches = getattr(fn, "device_caches", None)
+            if isinstance(caches, dict):
+                out[f"triton {mod.__name__.split('.')[-1]}.{name}"] = sum(len(c[0]) for c in caches.values())
+    from torch._dynamo.utils import counters
+    out["torch.compile graphs"] = int(counters["stats"]["unique_graphs"])
+    return out
+
+
+def summarise_e2e(cfg, meta, device, precision, times, losses, memory, warmup, k_ctx, k_pred, mask_ms, threads,
+                  peak_tflops=None):
+    from engine.tools.flops import device_peak_tflops, flops_from_config, is_paper_vith14, mfu, paper_reference_figure
     batch = cfg.data.batch_size
     sf = flops_from_config(cfg, k_ctx=k_ctx, k_pred=k_pred)
-    peak = device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     sides = {}
     for name, ts in times.items():
         st = _stats(ts[warmup:])
@@ -526,6 +494,9 @@ def format_e2e(rep: dict) -> str:
             ["MFU", *(["n/a (no peak for this device)"] * len(names))] + ([""] if has_ref else []),
             row("loss first / last", lambda x: f"{x['losses'][0]:.6f} / {x['losses'][-1]:.6f}", "{}")]
     lines.append(md_table(hdr, rows))
+    if rep.get("recompiled_after_warmup"):
+        lines.append("\nWARNING: compiled during the timed steps (raise --warmup): "
+                     + ", ".join(f"{k} ({v})" for k, v in rep["recompiled_after_warmup"].items()))
     for n in names:
         mem = sides[n].get("memory") or {}
         if "error" in mem:
@@ -557,53 +528,29 @@ def format_e2e(rep: dict) -> str:
 
 
 def plot_e2e(rep: dict, path: str) -> None:
-    from engine import plots
+    from engine.tools import plots
     sides = rep["sides"]
     names = list(sides)
-    bars = plots.bar_chart(names, [sides[n]["images_per_s"] for n in names],
-                             title=f"throughput ({rep['settings']['precision']}, batch {rep['settings']['batch_size']})",
-                             ylabel="images/s (median step)", size=(520, 400))
-    loss = plots.line_chart({n: sides[n]["losses"] for n in names}, title="loss per step",
-                              xlabel="step", ylabel="smooth-L1 loss", size=(620, 400))
-    steps = plots.line_chart({n: [1000 * t for t in sides[n]["step_times_s"]] for n in names},
-                               title="step time", xlabel="step", ylabel="ms", size=(1140, 300))
     footer = meta_lines(rep["meta"]) + [rep["description"]]
     if rep.get("ratio"):
         footer.append(f"engine/reference images/s {rep['ratio']['images_per_s']:.2f}x; max loss rel diff "
                       f"{rep['losses']['max_rel_diff']:.1e}")
-    img = plots.compose([plots.side_by_side([bars, loss]), steps], footer)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    fig, (bars, loss, steps) = plots.new_figure(3, width=15, height=4.5, footer=footer)
+    bars.bar(names, [sides[n]["images_per_s"] for n in names], color=plots.PALETTE[:len(names)])
+    bars.set(title=f"throughput ({rep['settings']['precision']}, batch {rep['settings']['batch_size']})",
+             ylabel="images/s (median step)")
+    for i, n in enumerate(names):
+        loss.plot(sides[n]["losses"], label=n, color=plots.PALETTE[i])
+        steps.plot([1000 * t for t in sides[n]["step_times_s"]], label=n, color=plots.PALETTE[i])
+    loss.set(title="loss per step", xlabel="step", ylabel="smooth-L1 loss")
+    steps.set(title="step time", xlabel="step", ylabel="ms")
+    loss.legend()
+    plots.save(fig, path)
 
 
 # ===================================================================== profile
 PHASE_ORDER = ("data", "mask_sampling", "schedules", "target_forward", "context_forward", "predictor", "loss",
-               "backward", "finite_check", "optimizer", "grad_logger", "zero_grad", "ema", "loss_read", "other")
-
-
-class PhaseTimer:
-    """Wall time per named phase of the current step, each inside a ``record_function`` range
-    (so the phases show up in the trace). On CUDA it synchronises at both ends of a phase:
-    that serialises the step a little but is the only way to attribute GPU time to a phase."""
-
-    def __init__(self, device):
-        self.device = device
-        self.current: dict = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        with torch.profiler.record_function(f"ijepa::{name}"):
-            sync(self.device)
-            t = time.perf_counter()
-            try:
-                yield
-            finally:
-                sync(self.device)
-                self.current[name] += time.perf_counter() - t
-
-    def take(self) -> dict:
-        out, self.current = dict(self.current), defaultdict(float)
-        return out
+               "backward", "optimizer", "grad_logger", "zero_grad", "ema", "loss_read", "other")
 
 
 def _infinite_batches(loader, device):
@@ -614,17 +561,18 @@ def _infinite_batches(loader, device):
         epoch += 1
 
 
-class PhasedLoop:
-    """One runner's profiling loop: data, mask sampling and its step, each phase timed.
+class ProfiledLoop:
+    """One runner's loop -- data, mask sampling, its training step -- inside ``side::<name>``
+    ranges, so one profiler session can interleave the engine and the reference step by step
+    (fair under a noisy machine) and still attribute every ``ijepa::`` phase to its side.
 
-    Reference-mode mask placement draws from the global RNG, so each loop keeps its own copy
-    of that RNG state: loops can then be interleaved step by step (fair under a noisy machine)
-    and still see exactly the same images and masks.
-    """
+    Reference-mode mask placement draws from the global RNG, so each loop keeps its own copy of
+    that RNG state: both sides see exactly the same images and masks."""
 
     def __init__(self, runner, cfg, device, seed: int):
-        from engine.data import DataError, build_loader
+        from engine.errors import DataError
         from engine.masks import MultiBlockMaskSampler
+        from engine.train import build_loader
         try:
             loader = build_loader(cfg, 0, 1, device)
         except DataError as e:
@@ -635,61 +583,69 @@ class PhasedLoop:
             torch.manual_seed(seed)
             self.rng = torch.get_rng_state()
         self.batches = _infinite_batches(loader, device)
-        self.timer = PhaseTimer(device)
-        self.step_fn = runner.step_phased if hasattr(runner, "step_phased") else runner.step
-        self.records, self.losses = [], []
+        self.wall, self.losses = [], []
 
-    def one_step(self, record: bool = True):
-        device, timer = self.device, self.timer
-        sync(device)
+    def one_step(self, record: bool = True) -> float:
+        sync(self.device)
         t = time.perf_counter()
-        with timer("data"):
-            images = next(self.batches)
-        with timer("mask_sampling"):
-            outer = torch.get_rng_state()
-            torch.set_rng_state(self.rng)
-            try:
-                me, mp = self.sampler(len(images))
-            finally:
-                self.rng = torch.get_rng_state()
-                torch.set_rng_state(outer)
-            me, mp = to_device(me, device), to_device(mp, device)
-        loss = self.step_fn(images, me, mp, timer)
-        sync(device)
-        ph = timer.take()
-        ph["other"] = max(0.0, time.perf_counter() - t - sum(ph.values()))
+        with record_function(f"side::{self.runner.name}"):
+            with record_function("ijepa::data"):
+                images = next(self.batches)
+            with record_function("ijepa::mask_sampling"):
+                outer = torch.get_rng_state()
+                torch.set_rng_state(self.rng)
+                try:
+                    me, mp = self.sampler(len(images))
+                finally:
+                    self.rng = torch.get_rng_state()
+                    torch.set_rng_state(outer)
+                me, mp = to_device(me, self.device), to_device(mp, self.device)
+            loss = self.runner.step(images, me, mp)
+            sync(self.device)
+        dt = time.perf_counter() - t
         if record:
-            self.records.append(ph)
+            self.wall.append(dt)
             self.losses.append(loss)
-        return ph
+        return dt
 
-    def summary(self) -> dict:
-        records = self.records
-        names = [p for p in PHASE_ORDER if any(p in r for r in records)]
-        med = {p: statistics.median(r.get(p, 0.0) for r in records) for p in names}
-        total = sum(med.values())
-        phases = [{"phase": p, "median_ms": 1000 * med[p], "percent": 100 * med[p] / total} for p in names]
-        return {"phases": phases, "median_step_ms": 1000 * statistics.median(sum(r.values()) for r in records),
-                "sum_of_phase_medians_ms": 1000 * total, "losses": self.losses, "steps": len(records),
-                "top_ops": []}
 
-    def trace(self, steps: int, path: str) -> list[dict]:
-        """``steps`` more steps under torch.profiler; Chrome trace to ``path``; top operators."""
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(steps):
-                self.one_step(record=False)
-                prof.step()
-        prof.export_chrome_trace(path)
-        return top_ops(prof, self.device, steps)
+def phase_times(prof, device) -> dict:
+    """``{side: {phase: total ms}}`` from the ``ijepa::`` ranges under each ``side::`` range (the
+    outermost ones: a phase is never counted twice). CUDA: the device time of the kernels each
+    range launched; CPU: the range's wall time."""
+    out = defaultdict(lambda: defaultdict(float))
+
+    def visit(ev, side):
+        if ev.name.startswith("ijepa::"):
+            t = ev.device_time_total if device.type == "cuda" else ev.cpu_time_total
+            out[side][ev.name[len("ijepa::"):]] += t / 1000
+            return
+        for child in ev.cpu_children:
+            visit(child, side)
+    for ev in prof.events():
+        if ev.name.startswith("side::") and ev.cpu_parent is None:
+            for child in ev.cpu_children:
+                visit(child, ev.name[len("side::"):])
+    return out
+
+
+def summarise_profile(lp, phases: dict) -> dict:
+    n = len(lp.wall)
+    per_step = {p: ms / n for p, ms in phases.items()}
+    wall_ms = 1000 * statistics.mean(lp.wall)
+    per_step["other"] = max(0.0, wall_ms - sum(per_step.values()))
+    total = sum(per_step.values())
+    names = [p for p in PHASE_ORDER if p in per_step] + sorted(set(per_step) - set(PHASE_ORDER))
+    return {"phases": [{"phase": p, "ms_per_step": per_step[p], "percent": 100 * per_step[p] / total}
+                       for p in names],
+            "mean_step_ms": wall_ms, "median_step_ms": 1000 * statistics.median(lp.wall), "losses": lp.losses,
+            "steps": n, "top_ops": []}
 
 
 def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
     rows = []
     for e in prof.key_averages():
-        if e.key.startswith("ijepa::") or e.key.startswith("ProfilerStep"):
+        if e.key.startswith(("ijepa::", "side::", "ProfilerStep")):
             continue
         dev = getattr(e, "self_device_time_total", None)
         if dev is None:
@@ -705,48 +661,51 @@ def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
     return rows[:limit]
 
 
-PROFILE_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "trace_steps", "precision",
+PROFILE_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "precision",
                 "threads", "batch_size", "seed", "trace", "json", "markdown")
 
 
 def run_profile(args) -> int:
-    if args.steps < 1 or args.warmup < 0 or args.trace_steps < 0:
-        raise BenchUsageError("--steps must be >= 1, --warmup and --trace-steps >= 0")
+    if args.steps < 1 or args.warmup < 0:
+        raise BenchUsageError("--steps must be >= 1 and --warmup >= 0")
     reference = None
     if args.reference is not None:
-        from engine.refharness import load_reference
+        from engine.tools.refharness import load_reference
         reference = load_reference(args.reference)
     cfg = load_config(args, synthetic=False)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     threads = setup_threads(args, cfg)
     if reference is not None:
-        from engine.refharness import check_buildable
+        from engine.tools.refharness import check_buildable
         check_buildable(cfg, reference)
     meta = run_meta(device, threads, command_line("profile", args, PROFILE_KEYS))
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # kineto's start/stop chatter on stderr
     eng, ref = build_runners(cfg, device, cfg.precision, reference, args.seed)
-    loops = [PhasedLoop(r, cfg, device, args.seed) for r in [eng] + ([ref] if ref else [])]
-    for i in range(args.warmup + args.steps):
-        timed = i >= args.warmup
-        for lp in (loops if i % 2 == 0 else loops[::-1]):   # interleaved, order swapped every step
-            ph = lp.one_step(record=timed)
-            print(f"{lp.runner.name} step {i + 1}/{args.warmup + args.steps}"
-                  f"{'' if timed else ' (warm-up)'}: {1000 * sum(ph.values()):.0f} ms", file=sys.stderr, flush=True)
-    results = {}
-    for lp in loops:
-        results[lp.runner.name] = lp.summary()
-        if args.trace and args.trace_steps > 0:
-            trace = args.trace
-            if lp.runner.name != "engine":
-                base, ext = os.path.splitext(trace)
-                trace = f"{base}.{lp.runner.name}{ext or '.json'}"
-            os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
-            results[lp.runner.name]["top_ops"] = lp.trace(args.trace_steps, trace)
-            results[lp.runner.name]["trace"] = trace
+    loops = [ProfiledLoop(r, cfg, device, args.seed) for r in [eng] + ([ref] if ref else [])]
+    for i in range(args.warmup):
+        for lp in (loops if i % 2 == 0 else loops[::-1]):
+            lp.one_step(record=False)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(args.steps):
+            for lp in (loops if i % 2 == 0 else loops[::-1]):   # interleaved, order swapped every step
+                dt = lp.one_step()
+                print(f"{lp.runner.name} step {i + 1}/{args.steps}: {1000 * dt:.0f} ms", file=sys.stderr, flush=True)
+    phases = phase_times(prof, device)
+    results = {lp.runner.name: summarise_profile(lp, phases[lp.runner.name]) for lp in loops}
+    top = top_ops(prof, device, args.steps)
+    results["engine"]["top_ops"] = top
+    if args.trace:
+        os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
+        prof.export_chrome_trace(args.trace)
+        results["engine"]["trace"] = args.trace
     rep = {"meta": meta, "config": cfg.to_dict(), "description": _describe(cfg),
-           "settings": {"steps": args.steps, "warmup": args.warmup, "trace_steps": args.trace_steps,
-                        "phase_timing": "wall clock per phase (perf_counter; CUDA synchronised at phase ends), "
-                                        "median over the unprofiled steps; % of the sum of the medians"},
+           "settings": {"steps": args.steps, "warmup": args.warmup,
+                        "phase_timing": ("the record_function ranges of the training step itself, under "
+                                         "torch.profiler: " + ("device time of the kernels each launched"
+                                                               if device.type == "cuda" else "wall time")
+                                         + "; mean per step; other = step wall time minus the phases")},
            "sides": results}
     md = format_profile(rep)
     print(md)
@@ -762,7 +721,7 @@ def format_profile(rep: dict) -> str:
     names = list(sides)
     lines = ["## ijepa profile", ""] + [f"- {x}" for x in meta_lines(rep["meta"])]
     lines += [f"- model: {rep['description']}",
-              f"- {rep['settings']['steps']} steps after {rep['settings']['warmup']} warm-up"
+              f"- {rep['settings']['steps']} profiled steps after {rep['settings']['warmup']} warm-up"
               f"{', engine and reference interleaved (order swapped every step)' if len(names) > 1 else ''}; "
               f"{rep['settings']['phase_timing']}", ""]
     allp = [p for p in PHASE_ORDER if any(p in {x["phase"] for x in sides[n]["phases"]} for n in names)]
@@ -774,22 +733,15 @@ def format_profile(rep: dict) -> str:
         r = [p]
         for n in names:
             ph = {x["phase"]: x for x in sides[n]["phases"]}.get(p)
-            r += [f"{ph['median_ms']:.1f}", f"{ph['percent']:.1f}"] if ph else ["-", "-"]
+            r += [f"{ph['ms_per_step']:.1f}", f"{ph['percent']:.1f}"] if ph else ["-", "-"]
         rows.append(r)
-    tot = ["**total**"]
-    for n in names:
-        tot += [f"**{sides[n]['sum_of_phase_medians_ms']:.1f}**",
-                f"{sum(x['percent'] for x in sides[n]['phases']):.1f}"]
-    rows.append(tot)
+    rows.append(["**step (wall, mean)**"] + [c for n in names for c in (f"**{sides[n]['mean_step_ms']:.1f}**", "100")])
     lines.append(md_table(hdr, rows))
-    lines.append("")
-    lines.append("median step (wall, ms): " + ", ".join(f"{n} {sides[n]['median_step_ms']:.1f}" for n in names))
-    for n in names:
-        ops = sides[n].get("top_ops") or []
-        if not ops:
-            continue
+    ops = sides["engine"].get("top_ops") or []
+    if ops:
         key = "self_device_ms_per_step" if "cuda" in rep["meta"]["device"] else "self_cpu_ms_per_step"
-        lines += ["", f"### {n}: top operators (self time per step, profiled steps; trace {sides[n]['trace']})", ""]
+        lines += ["", "### top operators (self time per step, all profiled steps"
+                  + (f"; trace {sides['engine']['trace']}" if sides["engine"].get("trace") else "") + ")", ""]
         lines.append(md_table(["operator", "calls/step", "self ms/step", "% of op time"],
                               [[o["op"], f"{o['calls_per_step']:.0f}", f"{o[key]:.2f}",
                                 f"{o['percent_of_op_time']:.1f}"] for o in ops]))
@@ -799,114 +751,51 @@ def format_profile(rep: dict) -> str:
 # ===================================================================== bench kernels
 # Which provider is "the PyTorch baseline" in a group of rows, in order of preference: the
 # reference-equivalent path first (gather "ref", attention "naive", EMA "loop").
-BASELINE_NAMES = ("ref", "reference", "naive", "loop", "torch", "pytorch", "eager", "baseline", "torch_ref", "math")
-_ROW_KEYS = ("results", "rows", "speed", "cases", "benchmarks", "entries")
-_NAME_KEYS = ("case", "name", "shape", "config", "label")
-_IMPL_KEYS = ("provider", "impl", "backend", "kernel", "variant", "method")
-_BASE_MS_KEYS = ("baseline_ms", "torch_ms", "pytorch_ms", "ref_ms", "reference_ms", "naive_ms", "eager_ms")
-_MS_KEYS = ("ms", "time_ms", "kernel_ms", "triton_ms", "impl_ms", "median_ms")
+BASELINE_NAMES = ("ref", "naive", "loop", "torch", "sdpa")
 
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _baseline_of(providers) -> str | None:
-    low = {str(p).lower(): p for p in providers}
-    return next((low[b] for b in BASELINE_NAMES if b in low), None)
-
-
 def kernel_json_device(data) -> str | None:
-    if not isinstance(data, dict):
-        return None
-    for d in (data, data.get("environment"), data.get("env")):
-        if isinstance(d, dict) and d.get("device"):
-            return str(d["device"])
-    return None
+    env = data.get("environment") or data.get("env") or {} if isinstance(data, dict) else {}
+    return str(env["device"]) if env.get("device") else None
 
 
 def normalise_kernel_json(data, script: str) -> list[dict]:
-    """Rows ``{script, case, impl, baseline, ms, baseline_ms, speedup}`` from a benchmark's JSON.
-
-    Layouts understood:
-    * long (what benchmarks/_common.py writes): ``{"rows" | "speed": [{"case"?, "provider" |
-      "backend", "ms" | "<metric>_ms", ...}]}``, one row per provider; rows are grouped by case
-      (``case``, else their integer/string fields) and every ``*_ms`` metric is compared with
-      the group's baseline provider (``BASELINE_NAMES``);
-    * wide: rows carrying ``speedup`` and/or ``baseline_ms`` + ``ms``, or ``times_ms: {impl: ms}``.
-    Rows with an ``error`` are skipped.
-    """
-    if isinstance(data, dict):
-        rows = next((data[k] for k in _ROW_KEYS if isinstance(data.get(k), list)), None)
-        if rows is None and any(k in data for k in ("speedup", "times_ms")):
-            rows = [data]
-    elif isinstance(data, list):
-        rows = data
-    else:
-        rows = None
+    """Rows ``{script, case, impl, baseline, ms, baseline_ms, speedup}`` from what a
+    ``benchmarks/bench_*.py`` writes: ``rows`` (or ``speed``) of one row per provider
+    (``provider`` or ``backend``), each with ``ms`` or ``<metric>_ms`` values. Rows are grouped by
+    case (``case``, else their string/integer fields); every metric is compared with the group's
+    baseline provider (``BASELINE_NAMES``). Rows with an ``error`` are skipped."""
+    rows = next((data[k] for k in ("rows", "speed") if isinstance(data, dict) and isinstance(data.get(k), list)), None)
     if rows is None:
-        raise ValueError("no list of results found (expected 'rows', 'results' or 'speed')")
+        raise ValueError("no list of results found (expected 'rows' or 'speed')")
     rows = [r for r in rows if isinstance(r, dict) and "error" not in r]
-    wide = any(("speedup" in r) or ("times_ms" in r) or any(k in r for k in _BASE_MS_KEYS) for r in rows)
-    out = _wide_rows(rows, script) if wide else _long_rows(rows, script)
-    if not out:
-        raise ValueError("the results list holds no usable rows")
-    return out
-
-
-def _wide_rows(rows, script):
-    out = []
-    for i, r in enumerate(rows):
-        case = next((str(r[k]) for k in _NAME_KEYS if k in r), f"case {i}")
-        times = r.get("times_ms")
-        if isinstance(times, dict) and times:
-            base = _baseline_of(times)
-            for impl, ms in times.items():
-                if impl == base:
-                    continue
-                sp = (times[base] / ms) if base is not None and ms else None
-                out.append({"script": script, "case": case, "impl": str(impl), "baseline": base, "ms": ms,
-                            "baseline_ms": times.get(base), "speedup": sp})
-            continue
-        impl = next((str(r[k]) for k in _IMPL_KEYS if k in r), "kernel")
-        ms = next((r[k] for k in _MS_KEYS if _num(r.get(k))), None)
-        base_ms = next((r[k] for k in _BASE_MS_KEYS if _num(r.get(k))), None)
-        sp = r.get("speedup")
-        if not _num(sp):
-            sp = (base_ms / ms) if (base_ms and ms) else None
-        out.append({"script": script, "case": case, "impl": impl, "baseline": r.get("baseline", "torch"),
-                    "ms": ms, "baseline_ms": base_ms, "speedup": sp})
-    return out
-
-
-def _long_rows(rows, script):
-    pkey = next((k for k in _IMPL_KEYS if any(k in r for r in rows)), None)
-    if pkey is None:
-        return []
+    pkey = next((k for k in ("provider", "backend") if any(k in r for r in rows)), None)
     metrics = sorted({k for r in rows for k, v in r.items() if _num(v) and (k == "ms" or k.endswith("_ms"))},
                      key=lambda k: (k != "ms", k))
-
-    def case_of(r):
-        if "case" in r:
-            return str(r["case"])
-        return ", ".join(f"{k}={v}" for k, v in r.items()
-                         if k != pkey and (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))))
     groups: dict = {}
     for r in rows:
-        groups.setdefault(case_of(r), []).append(r)
+        case = str(r["case"]) if "case" in r else ", ".join(
+            f"{k}={v}" for k, v in r.items() if k != pkey and (isinstance(v, str) or type(v) is int))
+        groups.setdefault(case, []).append(r)
     out = []
     for case, grp in groups.items():
-        base = _baseline_of([r.get(pkey) for r in grp])
-        base_row = next((r for r in grp if r.get(pkey) == base), None)
+        low = {str(r.get(pkey)).lower(): r for r in grp}
+        base = next((low[b] for b in BASELINE_NAMES if b in low), None)
         for metric in metrics:
-            label = case if metric == "ms" else f"{case} [{metric[:-3]}]"
-            bms = base_row.get(metric) if base_row else None
             for r in grp:
-                ms = r.get(metric)
-                if r is base_row or not _num(ms):
+                if r is base or not _num(r.get(metric)):
                     continue
-                out.append({"script": script, "case": label, "impl": str(r.get(pkey)), "baseline": base,
-                            "ms": ms, "baseline_ms": bms, "speedup": (bms / ms) if _num(bms) and ms else None})
+                bms = base.get(metric) if base else None
+                out.append({"script": script, "case": case if metric == "ms" else f"{case} [{metric[:-3]}]",
+                            "impl": str(r.get(pkey)), "baseline": base.get(pkey) if base else None,
+                            "ms": r[metric], "baseline_ms": bms,
+                            "speedup": (bms / r[metric]) if _num(bms) and r[metric] else None})
+    if not out:
+        raise ValueError("the results list holds no usable rows")
     return out
 
 
@@ -987,24 +876,25 @@ def format_kernels(rep: dict) -> str:
 
 
 def plot_kernels(rep: dict, path: str) -> None:
-    from engine import plots
-    rows = [r for r in rep["results"] if isinstance(r.get("speedup"), (int, float))]
-    labels = [f"{r['script'].replace('bench_', '').replace('.py', '')}: {r['case']}: {r['impl']} vs {r['baseline']}"
-              for r in rows]
+    from engine.tools import plots
+    rows = [r for r in rep["results"] if _num(r.get("speedup"))]
+    labels = [f"{r['script'][6:-3]}: {r['case']}: {r['impl']} vs {r['baseline']}" for r in rows] or ["(no results)"]
     scripts = sorted({r["script"] for r in rows})
-    colors = [plots.PALETTE[scripts.index(r["script"]) % len(plots.PALETTE)] for r in rows]
-    chart = plots.hbar_chart(labels or ["(no results)"], [r["speedup"] for r in rows] or [0.0],
-                               title=f"speedup vs the PyTorch baseline ({rep['device']}; dashed: 1x)",
-                               xlabel="speedup (x)", ref_line=1.0, colors=colors or None, width=1100)
-    notes = [f"{s['script']}: {s['status']}" for s in rep["scripts"]]
-    img = plots.compose([chart], meta_lines(rep["meta"]) + notes)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    fig, (ax,) = plots.new_figure(width=11, height=1.2 + 0.28 * len(labels),
+                                  footer=meta_lines(rep["meta"]) + [f"{s['script']}: {s['status']}"
+                                                                   for s in rep["scripts"]])
+    ax.barh(range(len(labels)), [r["speedup"] for r in rows] or [0.0],
+            color=[plots.PALETTE[scripts.index(r["script"]) % 10] for r in rows] or None)
+    ax.axvline(1.0, color="0.3", linestyle="--")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="speedup (x)", title=f"speedup vs the PyTorch baseline ({rep['device']}; dashed: 1x)")
+    plots.save(fig, path)
 
 
 # ===================================================================== bench flops
 def run_flops(args) -> int:
-    from engine.flops import (device_peak_tflops, flops_from_config, format_table, is_paper_vith14, mfu,
+    from engine.tools.flops import (device_peak_tflops, flops_from_config, format_table, is_paper_vith14, mfu,
                               paper_reference_figure)
     cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
     if args.batch_size is not None:
@@ -1072,6 +962,8 @@ def add_parser(sub):
                    help="steps (after the warm-up) run by each side's memory probe process")
     e.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     e.add_argument("--plot", default=None, metavar="PNG", help="throughput bars + loss curves")
+    e.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak for MFU (default: the table in engine/tools/flops.py)")
     e.set_defaults(func=run_e2e)
     k = bs.add_parser("kernels", help="run benchmarks/bench_*.py and tabulate speedups vs PyTorch")
     k.add_argument("--bench-dir", default=None, help="folder holding the scripts (default: benchmarks/)")
@@ -1099,5 +991,4 @@ def add_parser(sub):
                                    "trace and the top operators. With --reference the reference is profiled too.")
     _common(p, 10)
     p.add_argument("--trace", default=None, metavar="OUT.json", help="Chrome/Perfetto trace of the profiled steps")
-    p.add_argument("--trace-steps", type=int, default=2, help="steps run under torch.profiler (with --trace)")
     p.set_defaults(func=run_profile)

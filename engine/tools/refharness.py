@@ -36,25 +36,23 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from engine.cli import UsageError
-from engine.config import ConfigError
+from engine.errors import UsageError
 
 REQUIRED_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/masks/utils.py",
                   "src/utils/tensors.py")
 
 
-class BenchUsageError(UsageError, ConfigError):
-    """Bad input to a benchmark command: one line, exit 2. Also a ``ConfigError`` because under
-    ``python -m engine.cli`` the CLI module runs as ``__main__`` and catches its own copy of
-    ``UsageError``, not ``engine.cli.UsageError``; ``ConfigError`` is caught either way."""
+class BenchUsageError(UsageError):
+    """Bad input to a benchmark command: one line, exit 2."""
 
 
 class ReferenceCheckoutError(BenchUsageError):
     """The reference checkout cannot be used (missing, not a checkout, fails to import)."""
 
 
-def _nophase(name):
-    return contextlib.nullcontext()
+def _phase(name):
+    """The reference's step phases, as ``record_function`` ranges (what ``ijepa profile`` reads)."""
+    return torch.profiler.record_function(f"ijepa::{name}")
 
 
 @contextlib.contextmanager
@@ -186,7 +184,7 @@ class ReferenceRunner:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def step(self, imgs, masks_enc, masks_pred, phase=_nophase) -> float:
+    def step(self, imgs, masks_enc, masks_pred, phase=_phase) -> float:
         m = self.mods
         with phase("schedules"):
             self.sched.step()

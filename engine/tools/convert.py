@@ -38,30 +38,25 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Optional
 
 import torch
 
-from engine.config import VIT_SIZES, ConfigError, IJEPAConfig
+from engine.checkpoint import FORMAT_VERSION, load_file, save_atomic
+from engine.config import VIT_SIZES, IJEPAConfig
+from engine.errors import ConfigError, UsageError
 from engine.model import VisionTransformer, strip_module_prefix
 
 FORMATS = ("engine", "reference", "hf", "timm")
 REFERENCE_FIELDS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
                     "batch_size", "world_size", "lr")
 LAYER_NORM_EPS = 1e-6   # every reference factory model; the engine's ViT hard-codes it too
-ENGINE_FORMAT = 1   # engine.checkpoint.FORMAT_VERSION, the layout of the "engine" entry
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"
 
 # width -> heads of the reference factory sizes: a reference file stores no head count and
 # the head split leaves no trace in the weights' shapes.
 _FACTORY_HEADS = {dim: heads for dim, _, heads, _ in VIT_SIZES.values()}
-
-
-def _usage_error(msg):
-    from engine.cli import UsageError
-    return UsageError(msg)
 
 
 # ----------------------------------------------------------------------------- architecture
@@ -116,58 +111,27 @@ def infer_arch(sd: dict, num_heads: Optional[int] = None, what: str = "checkpoin
             "blocks.0.attn.qkv.weight")
     missing = [k for k in need if k not in sd]
     if missing:
-        raise _usage_error(f"{what}: not an I-JEPA ViT encoder state dict (missing {', '.join(missing)})")
+        raise UsageError(f"{what}: not an I-JEPA ViT encoder state dict (missing {', '.join(missing)})")
     if "blocks.0.attn.qkv.bias" not in sd:
-        raise _usage_error(f"{what}: attention without qkv bias; the engine's ViT (like every reference "
+        raise UsageError(f"{what}: attention without qkv bias; the engine's ViT (like every reference "
                            f"factory model) has qkv_bias=True")
     dim, chans, p, p2 = sd["patch_embed.proj.weight"].shape
     if p != p2:
-        raise _usage_error(f"{what}: non-square patches {p}x{p2} are not supported")
+        raise UsageError(f"{what}: non-square patches {p}x{p2} are not supported")
     n = sd["pos_embed"].shape[-2]
     grid = math.isqrt(n)
     if grid * grid != n or sd["pos_embed"].shape[-1] != dim:
-        raise _usage_error(f"{what}: pos_embed {tuple(sd['pos_embed'].shape)} is not a square grid of "
+        raise UsageError(f"{what}: pos_embed {tuple(sd['pos_embed'].shape)} is not a square grid of "
                            f"width {dim} (a cls token or non-square input is not an I-JEPA encoder)")
     depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
     heads = num_heads or _FACTORY_HEADS.get(dim)
     if heads is None:
-        raise _usage_error(f"{what}: width {dim} is not a reference factory size, so the number of "
+        raise UsageError(f"{what}: width {dim} is not a reference factory size, so the number of "
                            f"attention heads is unknown; pass --num-heads")
     if dim % heads:
-        raise _usage_error(f"{what}: width {dim} is not divisible by {heads} heads")
+        raise UsageError(f"{what}: width {dim} is not divisible by {heads} heads")
     return Arch(img_size=grid * p, patch_size=p, in_chans=chans, embed_dim=dim, depth=depth,
                 num_heads=heads, mlp_hidden=sd["blocks.0.mlp.fc1.weight"].shape[0])
-
-
-# ----------------------------------------------------------------------------- safe loading
-def safe_torch_load(path: str):
-    """``torch.load`` with ``weights_only=True``; errors become one-line usage errors.
-
-    A file that pickles Python objects beyond tensors and containers is refused: such an
-    object's unpickling can run arbitrary code, so it is never loaded.
-    """
-    import pickle
-    if not os.path.exists(path):
-        raise _usage_error(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise _usage_error(f"{path}: is a directory, expected a checkpoint file")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:   # the legacy (pre-zip) format cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise _usage_error(
-                f"{path}: refused: it pickles the Python object {found.group(1)}, which torch.load("
-                f"weights_only=True) will not construct because loading it could execute code; "
-                f"re-save the checkpoint with tensors and plain containers only") from None
-        raise _usage_error(f"{path}: not a PyTorch checkpoint (unreadable by torch.load)") from None
-    except Exception as e:  # zip / header errors of arbitrary non-checkpoint files
-        raise _usage_error(f"{path}: not a PyTorch checkpoint ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- the in-memory form
@@ -190,7 +154,7 @@ class Checkpoint:
 
     def encoder_state(self, which: str) -> dict:
         if which not in ("target", "context"):
-            raise _usage_error(f"--encoder {which!r}: choose target or context")
+            raise UsageError(f"--encoder {which!r}: choose target or context")
         if which == "context" or self.target_encoder is None:
             return self.encoder
         return self.target_encoder
@@ -199,12 +163,12 @@ class Checkpoint:
 def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = None) -> Checkpoint:
     """Read any supported format (``fmt``: auto, engine, reference, hf, timm)."""
     if fmt not in ("auto",) + FORMATS:
-        raise _usage_error(f"--from {fmt!r}: choose auto, {', '.join(FORMATS)}")
+        raise UsageError(f"--from {fmt!r}: choose auto, {', '.join(FORMATS)}")
     if not os.path.exists(path):
-        raise _usage_error(f"{path}: no such file or directory")
+        raise UsageError(f"{path}: no such file or directory")
     if os.path.isdir(path):
         if fmt not in ("auto", "hf"):
-            raise _usage_error(f"{path}: a directory can only be a HuggingFace model (--from hf)")
+            raise UsageError(f"{path}: a directory can only be a HuggingFace model (--from hf)")
         return _read_hf(path, num_heads)
     if _is_safetensors(path):
         from safetensors import safe_open
@@ -213,21 +177,21 @@ def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = Non
                 keys = list(f.keys())
                 meta = f.metadata() or {}
         except Exception as e:
-            raise _usage_error(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+            raise UsageError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
         looks_hf = any(k.startswith(("embeddings.", "ijepa.embeddings.")) for k in keys)
         detected = "hf" if looks_hf else "timm"
         if fmt not in ("auto", detected):
-            raise _usage_error(f"{path}: holds {detected} weights, not {fmt}")
+            raise UsageError(f"{path}: holds {detected} weights, not {fmt}")
         if detected == "hf":
             return _read_hf(path, num_heads)
-        from safetensors.torch import load_file
-        return _timm_checkpoint(load_file(path), meta, num_heads, path)
-    obj = safe_torch_load(path)
+        from safetensors.torch import load_file as load_safetensors
+        return _timm_checkpoint(load_safetensors(path), meta, num_heads, path)
+    obj = load_file(path, mmap=True)
     detected = _detect_torch_object(obj, path)
     if fmt == "reference" and detected == "engine":
         detected = "reference"      # an engine file is a reference file plus the engine block
     if fmt not in ("auto", detected):
-        raise _usage_error(f"{path}: holds {detected} weights, not {fmt}")
+        raise UsageError(f"{path}: holds {detected} weights, not {fmt}")
     if detected == "timm":
         return _timm_checkpoint(obj, {}, num_heads, path)
     return _reference_checkpoint(obj, detected, num_heads, path)
@@ -244,14 +208,14 @@ def _is_safetensors(path: str) -> bool:
 
 def _detect_torch_object(obj, path) -> str:
     if not isinstance(obj, dict):
-        raise _usage_error(f"{path}: not an I-JEPA checkpoint (holds a {type(obj).__name__}, expected a dict)")
+        raise UsageError(f"{path}: not an I-JEPA checkpoint (holds a {type(obj).__name__}, expected a dict)")
     if isinstance(obj.get("encoder"), dict):
         return "engine" if isinstance(obj.get("engine"), dict) else "reference"
     keys = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k) for k in obj}
     if "patch_embed.proj.weight" in keys and "pos_embed" in keys:
         return "timm"       # a bare encoder state dict: timm's and the reference's names coincide
     shown = ", ".join(sorted(map(str, obj))[:6])
-    raise _usage_error(f"{path}: not an I-JEPA checkpoint (top-level keys: {shown}); expected encoder/"
+    raise UsageError(f"{path}: not an I-JEPA checkpoint (top-level keys: {shown}); expected encoder/"
                        f"predictor/target_encoder (reference or engine) or ViT encoder weights")
 
 
@@ -280,7 +244,7 @@ def _timm_checkpoint(sd: dict, meta: dict, num_heads, path) -> Checkpoint:
     sd = strip_module_prefix(sd)
     dropped = [k for k in sd if k.startswith("head.")]
     if "cls_token" in sd or "reg_token" in sd:
-        raise _usage_error(f"{path}: has a cls/register token; I-JEPA encoders have none (a timm "
+        raise UsageError(f"{path}: has a cls/register token; I-JEPA encoders have none (a timm "
                            f"vit_*_gap_* model is expected)")
     sd = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v
           for k, v in sd.items() if k not in dropped}
@@ -337,9 +301,9 @@ def from_hf_state_dict(hf: dict, what: str = "HF model") -> dict:
             "norm.bias": hf["layernorm.bias"],
         }
     except KeyError as e:
-        raise _usage_error(f"{what}: not an IJepaModel state dict (missing {e.args[0]})") from None
+        raise UsageError(f"{what}: not an IJepaModel state dict (missing {e.args[0]})") from None
     if "embeddings.cls_token" in hf:
-        raise _usage_error(f"{what}: has a cls token; not an I-JEPA encoder")
+        raise UsageError(f"{what}: has a cls token; not an I-JEPA encoder")
     legacy = any(k.startswith("encoder.layer.") for k in hf)
     layer_ids = {int(m.group(1)) for k in hf for m in [re.match(r"(?:encoder\.layer|layers)\.(\d+)\.", k)] if m}
     for i in sorted(layer_ids):
@@ -353,7 +317,7 @@ def from_hf_state_dict(hf: dict, what: str = "HF model") -> dict:
                          for d, m in _HF_QKV]
                 out[f"{dst}attn.qkv.{t}"] = torch.cat(parts, dim=0)
         except KeyError as e:
-            raise _usage_error(f"{what}: layer {i} incomplete (missing {e.args[0]})") from None
+            raise UsageError(f"{what}: layer {i} incomplete (missing {e.args[0]})") from None
     return out
 
 
@@ -389,15 +353,15 @@ def _read_hf(path: str, num_heads) -> Checkpoint:
             try:
                 cfg = json.load(f)
             except json.JSONDecodeError:
-                raise _usage_error(f"{cfg_path}: not valid JSON") from None
+                raise UsageError(f"{cfg_path}: not valid JSON") from None
     if cfg.get("model_type", "ijepa") != "ijepa":
-        raise _usage_error(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'ijepa'")
+        raise UsageError(f"{cfg_path}: model_type {cfg.get('model_type')!r}, expected 'ijepa'")
     if cfg.get("hidden_act", "gelu") != "gelu":
-        raise _usage_error(f"{cfg_path}: hidden_act {cfg['hidden_act']!r}; the I-JEPA ViT uses exact 'gelu'")
+        raise UsageError(f"{cfg_path}: hidden_act {cfg['hidden_act']!r}; the I-JEPA ViT uses exact 'gelu'")
     if not math.isclose(float(cfg.get("layer_norm_eps", LAYER_NORM_EPS)), LAYER_NORM_EPS):
-        raise _usage_error(f"{cfg_path}: layer_norm_eps {cfg['layer_norm_eps']}; the I-JEPA ViT uses 1e-6")
+        raise UsageError(f"{cfg_path}: layer_norm_eps {cfg['layer_norm_eps']}; the I-JEPA ViT uses 1e-6")
     if cfg.get("qkv_bias", True) is not True:
-        raise _usage_error(f"{cfg_path}: qkv_bias false; the I-JEPA ViT has qkv biases")
+        raise UsageError(f"{cfg_path}: qkv_bias false; the I-JEPA ViT has qkv biases")
     if os.path.isdir(path):
         single, index = os.path.join(path, HF_WEIGHTS), os.path.join(path, HF_INDEX)
         if os.path.isfile(single):
@@ -409,7 +373,7 @@ def _read_hf(path: str, num_heads) -> Checkpoint:
             for s in shards:
                 tensors.update(load_file(os.path.join(path, s)))
         else:
-            raise _usage_error(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (a HuggingFace model directory "
+            raise UsageError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (a HuggingFace model directory "
                                f"saved with safetensors is expected)")
     else:
         tensors = load_file(path)
@@ -420,20 +384,6 @@ def _read_hf(path: str, num_heads) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------- writers
-def _atomic_torch_save(obj, path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".convert-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _default_mode(path: str):
     # mkstemp and safetensors create owner-only files; a checkpoint is shared like any output
     umask = os.umask(0)
@@ -447,7 +397,7 @@ def _prefixed(sd: Optional[dict]) -> Optional[dict]:
 
 def _reference_dict(ck: Checkpoint) -> dict:
     if ck.encoder_only:
-        raise _usage_error(f"{ck.path}: holds only an encoder ({ck.fmt}); a reference checkpoint needs the "
+        raise UsageError(f"{ck.path}: holds only an encoder ({ck.fmt}); a reference checkpoint needs the "
                            f"predictor and optimizer state as well (convert --to hf/timm, or eval it directly)")
     out = {"encoder": _prefixed(ck.encoder), "predictor": _prefixed(ck.predictor),
            "target_encoder": _prefixed(ck.target_encoder if ck.target_encoder is not None else ck.encoder)}
@@ -494,18 +444,18 @@ def _engine_dict(ck: Checkpoint) -> dict:
     # A converted file starts a NEW engine run from these weights (and optimizer state): step,
     # epoch and data position are 0, the RNG is the seeded state; the reference's own ``epoch``
     # stays in the top-level field.
-    out["engine"] = {"format": ENGINE_FORMAT, "version": __version__, "config": config, "step": 0, "epoch": 0,
+    out["engine"] = {"format": FORMAT_VERSION, "version": __version__, "config": config, "step": 0, "epoch": 0,
                      "batch_in_epoch": 0, "sampler": None, "rng_cpu": rng, "rng_cuda": [],
                      "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
     return out
 
 
 def write_engine(ck: Checkpoint, path: str):
-    _atomic_torch_save(_engine_dict(ck), path)
+    save_atomic(_engine_dict(ck), path)
 
 
 def write_reference(ck: Checkpoint, path: str):
-    _atomic_torch_save(_reference_dict(ck), path)
+    save_atomic(_reference_dict(ck), path)
 
 
 def _contiguous(sd: dict) -> dict:
@@ -516,7 +466,7 @@ def _contiguous(sd: dict) -> dict:
 def write_hf(ck: Checkpoint, path: str, which: str = "context"):
     from safetensors.torch import save_file
     if os.path.exists(path) and not os.path.isdir(path):
-        raise _usage_error(f"{path}: exists and is not a directory (--to hf writes a model directory)")
+        raise UsageError(f"{path}: exists and is not a directory (--to hf writes a model directory)")
     os.makedirs(path, exist_ok=True)
     sd = to_hf_state_dict(ck.encoder_state(which), ck.arch.depth)
     save_file(_contiguous(sd), os.path.join(path, HF_WEIGHTS), metadata={"format": "pt"})
@@ -553,11 +503,11 @@ def timm_kwargs(arch: Arch) -> dict:
 def convert(input_path: str, output_path: str, to: str, src: str = "auto", which: str = "context",
             num_heads: Optional[int] = None, force: bool = False) -> Checkpoint:
     if to not in FORMATS:
-        raise _usage_error(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"--to {to!r}: choose one of {', '.join(FORMATS)}")
     if which not in ("target", "context"):
-        raise _usage_error(f"--encoder {which!r}: choose target or context")
+        raise UsageError(f"--encoder {which!r}: choose target or context")
     if os.path.exists(output_path) and not force:
-        raise _usage_error(f"{output_path}: exists; pass --force to overwrite")
+        raise UsageError(f"{output_path}: exists; pass --force to overwrite")
     ck = read_checkpoint(input_path, src, num_heads)
     {"engine": write_engine, "reference": write_reference,
      "hf": lambda c, p: write_hf(c, p, which), "timm": lambda c, p: write_timm(c, p, which)}[to](ck, output_path)
@@ -582,11 +532,60 @@ def add_parser(sub):
                    help="attention heads, for widths that are not reference factory sizes")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=_main)
+    e = sub.add_parser("export", help="write any engine checkpoint (sharded ZeRO folder or file) as one .pth.tar",
+                       description="Consolidate a checkpoint written by 'ijepa train' -- a sharded ZeRO folder "
+                                   "({logging.folder}/{write_tag}-sharded, or one tag folder in it) or a single file "
+                                   "-- into the reference .pth.tar layout (encoder/predictor/target_encoder with the "
+                                   "module. prefix, AdamW state) or the engine's file (adds the exact resume point). "
+                                   "Runs offline in one process, no GPU needed.")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="sharded folder, tag folder or file")
+    e.add_argument("--output", required=True, metavar="FILE", help="output file (.pth.tar)")
+    e.add_argument("--format", choices=["reference", "engine"], default="reference",
+                   help="reference: the reference's layout; engine: plus the engine's resume entry (default reference)")
+    e.set_defaults(func=_export_main)
+
+
+def export(checkpoint: str, output: str, fmt: str = "reference") -> dict:
+    """Any engine checkpoint -- a sharded ZeRO folder ``{folder}/{tag}-sharded`` (its ``latest`` tag)
+    or one tag folder in it, or a single file -- as ONE file: the reference's ``.pth.tar`` layout
+    (``fmt="reference"``) or the engine's, which ``ijepa train --resume`` continues from."""
+    from engine.checkpoint import Snapshot, read_latest
+    from engine.strategy import LocalStrategy
+    if fmt not in ("reference", "engine"):
+        raise UsageError(f"--format {fmt!r}: choose reference or engine")
+    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, "rank00000.pt")):
+        tag = read_latest(checkpoint)
+        if tag is None:
+            raise UsageError(f"--checkpoint {checkpoint}: neither a checkpoint tag folder nor a folder with a "
+                             f"'latest' file (expected {{logging.folder}}/{{write_tag}}-sharded)")
+        checkpoint = os.path.join(checkpoint, tag)
+    snap = Snapshot(checkpoint)
+    cfg = IJEPAConfig.from_dict(snap.meta["config"], validate=False)
+    cfg.kernels.attention = cfg.kernels.gather = cfg.kernels.ema = "auto"   # a CPU process reads it
+    strategy = LocalStrategy(cfg, torch.device("cpu"))
+    strategy.load(snap)
+    progress = {k: snap.meta.get(k) for k in ("step", "epoch", "batch_in_epoch", "sampler", "rng_cpu", "rng_cuda",
+                                              "skipped_steps", "bad_files", "loss", "world_size")}
+    state = strategy.state(progress)
+    state["engine"].update(exported_from={"path": os.path.abspath(checkpoint), "strategy": snap.meta["strategy"],
+                                          "world_size": snap.meta["world_size"]})
+    if fmt == "reference":
+        state.pop("engine")
+    save_atomic(state, output)
+    return state
+
+
+def _export_main(args) -> int:
+    state = export(args.checkpoint, args.output, args.format)
+    n_enc = sum(v.numel() for v in state["encoder"].values())
+    print(f"exported {args.checkpoint} (epoch {state['epoch']}, {n_enc:,} encoder parameters) -> {args.output} "
+          f"[{args.format}]")
+    return 0
 
 
 def _main(args) -> int:
     if args.num_heads is not None and args.num_heads <= 0:
-        raise _usage_error(f"--num-heads {args.num_heads}: must be a positive integer")
+        raise UsageError(f"--num-heads {args.num_heads}: must be a positive integer")
     ck = convert(args.input, args.output, args.to, args.src, args.encoder, args.num_heads, args.force)
     what = "encoder only" if ck.encoder_only else "encoder, predictor, target encoder"
     picked = f", {args.encoder} encoder" if args.to in ("hf", "timm") and not ck.encoder_only else ""

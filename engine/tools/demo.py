@@ -4,7 +4,7 @@
 2. Linear probe with 1,000 labels (the first 1,000 of ``default_rng(0).permutation(60000)``) on
    the official 10k test split: the pretrained target encoder, a randomly initialised encoder of
    the same shape, and raw pixels, with the collapse figures of each. Two poolings of the
-   encoders' patch tokens (``engine.eval.pool_tokens``): the paper's mean over all tokens, and
+   encoders' patch tokens (``engine.tools.eval.pool_tokens``): the paper's mean over all tokens, and
    the 8x8 grid cut into 2x2 cells (4 x width features), which keeps the garment's layout that
    a mean over positions averages away.
 3. Print the table, write ``demo.json`` and ``demo.png`` (loss curve + table) next to the checkpoint.
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "fmnist_vit_tiny.yaml")
 RAW_PIXEL_DOC = 80.1   # ../shared/docs/datasets.md: StandardScaler + LogisticRegression, 1,000 labels
 POOLS = ("mean", "grid2")
@@ -37,9 +37,9 @@ def add_parser(sub):
 def run(args) -> int:
     import torch
 
-    from engine import eval as ev
+    from engine.tools import eval as ev
     from engine.config import IJEPAConfig
-    from engine.plots import save_line_plot, save_table_png
+    from engine.tools.plots import save_line_plot, save_table_png
     from engine.train import train
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     overrides = list(args.override)

@@ -26,12 +26,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Dense bf16 tensor-core peaks (vendor spec sheets, no sparsity), TFLOP/s. Matched against
-# torch.cuda.get_device_name(); a device not listed gets no MFU unless a peak is given.
+# Dense bf16 tensor-core peaks (vendor data sheets, without sparsity), TFLOP/s, matched against
+# torch.cuda.get_device_name(). A100 40 GB and 80 GB, SXM and PCIe, share one figure; the H100 and
+# H200 PCIe/NVL boards run at lower clocks than the SXM parts. A device not listed gets no MFU
+# unless a peak is given (``--peak-tflops``).
 PEAK_TFLOPS_BF16 = {
     "A100": 312.0,
     "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H200": 989.0,
+    "H200 NVL": 835.0,
 }
 
 # The reference's published speed (I-JEPA paper abstract: ViT-H/14 on ImageNet-1K,
@@ -40,18 +45,18 @@ PAPER_RUN = dict(images=1_281_167, epochs=300, gpus=16, hours=72.0, device="A100
 
 
 def device_peak_tflops(name: str | None) -> float | None:
-    """Dense bf16 peak for a CUDA device name, or None when it is not in the table.
-
-    H100 PCIe and NVL boards have lower clocks than the SXM part; they are not given the
-    SXM figure.
-    """
+    """Dense bf16 peak for a CUDA device name (``NVIDIA H100 80GB HBM3`` is the SXM part, ``NVIDIA
+    H100 PCIe``, ``NVIDIA H100 NVL``, ``NVIDIA H200`` ...), or None when it is not in the table."""
     if not name:
         return None
     up = name.upper()
-    if "H200" in up:
-        return PEAK_TFLOPS_BF16["H200"]
-    if "H100" in up:
-        return None if ("PCIE" in up or "NVL" in up) else PEAK_TFLOPS_BF16["H100 SXM"]
+    for family in ("H200", "H100"):
+        if family in up:
+            if "NVL" in up:
+                return PEAK_TFLOPS_BF16[f"{family} NVL"]
+            if "PCIE" in up:
+                return PEAK_TFLOPS_BF16.get(f"{family} PCIe")
+            return PEAK_TFLOPS_BF16[family if family == "H200" else "H100 SXM"]
     if "A100" in up:
         return PEAK_TFLOPS_BF16["A100"]
     return None

@@ -46,29 +46,18 @@ import torch.nn.functional as F
 
 from engine.model import VisionTransformer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from engine.data import FMNIST_DIR, IMAGENET_MEAN, IMAGENET_STD
+from engine.errors import UsageError
+from engine.strategy import resolve_device
+
 GREY_MEAN, GREY_STD = 0.5, 0.5   # one-channel normalisation of the training data path
-from engine.data import FMNIST_DIR  # noqa: E402
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                   "Bag", "Ankle boot")
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)
 LABEL_SEED = 0
 
 
-def _usage_error(msg):
-    from engine.cli import UsageError
-    return UsageError(msg)
-
-
 # ----------------------------------------------------------------------------- encoders
-def resolve_device(device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _usage_error(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
-
-
 def load_encoder(path: str, which: str = "target", device="cpu", num_heads: Optional[int] = None,
                  fmt: str = "auto") -> VisionTransformer:
     """A frozen encoder from any checkpoint ``ijepa convert`` reads (engine, reference, HF
@@ -77,19 +66,19 @@ def load_encoder(path: str, which: str = "target", device="cpu", num_heads: Opti
 
     ``which`` picks the EMA ``target`` encoder or the ``context`` encoder of engine/reference
     files; HF/timm files hold one encoder, used for both. The encoder carries ``.arch``
-    (``engine.convert.Arch``) and ``.source`` (path, format, which encoder was loaded).
+    (``engine.tools.convert.Arch``) and ``.source`` (path, format, which encoder was loaded).
     """
-    from engine.convert import read_checkpoint
+    from engine.tools.convert import read_checkpoint
     if which not in ("target", "context"):
-        raise _usage_error(f"--encoder {which!r}: choose target or context")
-    dev = resolve_device(device)
+        raise UsageError(f"--encoder {which!r}: choose target or context")
+    dev = resolve_device(device, "--device")
     ck = read_checkpoint(path, fmt, num_heads)
     encoder = ck.arch.build_encoder()
     try:
         encoder.load_state_dict(ck.encoder_state(which), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise _usage_error(f"{path}: encoder weights do not fit a {ck.arch.describe()} "
+        raise UsageError(f"{path}: encoder weights do not fit a {ck.arch.describe()} "
                            f"({first[1].strip() if len(first) > 1 else first[0]})") from None
     encoder.arch = ck.arch
     loaded = which if ck.target_encoder is not None else "only"
@@ -101,7 +90,7 @@ def random_encoder_like(encoder: VisionTransformer, seed: int = 0) -> VisionTran
     """A randomly initialised encoder of the same shape (the reference's two-pass init: module
     constructors, then trunc-normal(0.02) Linear / LayerNorm 1,0 again; fixed sin-cos
     positions), seeded, without touching the global RNG."""
-    from engine.convert import infer_arch
+    from engine.tools.convert import infer_arch
     from engine.model import _reinit
     arch = getattr(encoder, "arch", None) or infer_arch(encoder.state_dict(), encoder.num_heads)
     with torch.random.fork_rng(devices=[]):
@@ -139,12 +128,12 @@ def parse_pool(pool: Optional[str], num_tokens: Optional[int] = None) -> Optiona
         return 1
     m = re.fullmatch(r"grid([1-9][0-9]*)", str(pool))
     if not m:
-        raise _usage_error(f"--pool {pool!r}: use mean or gridK (K x K average-pooled cells, e.g. grid2)")
+        raise UsageError(f"--pool {pool!r}: use mean or gridK (K x K average-pooled cells, e.g. grid2)")
     k = int(m.group(1))
     if num_tokens is not None:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens or k > side:
-            raise _usage_error(f"--pool {pool}: needs a square patch grid of at least {k}x{k} tokens "
+            raise UsageError(f"--pool {pool}: needs a square patch grid of at least {k}x{k} tokens "
                                f"(got {num_tokens} tokens)")
     return k
 
@@ -205,123 +194,65 @@ def extract_features(encoder: torch.nn.Module, images_or_loader: Union[torch.Ten
 
 
 # ----------------------------------------------------------------------------- linear probe
-def _as_float(x, dtype=torch.float64) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = np.array(x, copy=True)   # own, writable memory (np.frombuffer arrays are read-only)
-    with torch.inference_mode(False):   # inference tensors cannot be saved for backward
-        return torch.as_tensor(x).detach().to(dtype).clone()
+# scikit-learn's solver, not a hand-written one: the features of every probe here fit in memory
+# (1,000-60,000 rows), its L-BFGS is the reference implementation of the objective the documented
+# raw-pixel figures use, and a fit of 1,000 x 384 features takes well under a second on one core.
+# A GPU-scale probe (ImageNet features) would want a torch solver; nothing here needs one.
+def _as_numpy(x) -> np.ndarray:
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.astype(np.float64).reshape(len(x), -1)
 
 
-def _as_labels(y) -> torch.Tensor:
-    with torch.inference_mode(False):
-        return torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().clone()
-
-
-class _single_cpu_thread:
-    """L-BFGS on a small problem is thousands of tiny ops (its two-loop recursion alone is ~40
-    dot products per iteration); on a shared CPU, thread-pool barriers made those 10-100x slower
-    and the result run-to-run nondeterministic. One thread is faster and reproducible."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
-def _standardiser(x: torch.Tensor):
-    mean = x.mean(0)
-    std = x.std(0, unbiased=False)
-    # as sklearn's StandardScaler: a constant feature keeps scale 1 (it becomes 0, not NaN)
-    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
-    return lambda z: (z - mean) / std
-
-
-def _fit_logreg(x, y, n_classes, C, max_iter=1000, tol=1e-4, init=None):
-    """Minimise mean CE + ||W||^2 / (2 C n): sklearn's ``C * sum CE + ||W||^2 / 2`` divided by n."""
-    n, d = x.shape
-    with torch.enable_grad():
-        W = (init[0].clone() if init else torch.zeros(d, n_classes, dtype=x.dtype, device=x.device)).requires_grad_()
-        b = (init[1].clone() if init else torch.zeros(n_classes, dtype=x.dtype, device=x.device)).requires_grad_()
-        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25),
-                                tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-                                line_search_fn="strong_wolfe")
-        reg = 1.0 / (C * n)
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(x @ W + b, y) + 0.5 * reg * (W * W).sum()
-            loss.backward()
-            return loss
-        opt.step(closure)
-    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
-    return W.detach(), b.detach(), n_iter
-
-
-def _accuracy(W, b, x, y) -> float:
-    return float(((x @ W + b).argmax(1) == y).double().mean()) * 100.0
-
-
-def _stratified_holdout(y: torch.Tensor, fraction: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
+def _stratified_holdout(y: np.ndarray, fraction: float, seed: int):
+    """(fit rows, held-out rows): ``fraction`` of every class held out, at least one row of each
+    class kept for fitting; ``(None, None)`` when no class has two rows."""
+    rng = np.random.default_rng(seed)
     val = []
-    for c in torch.unique(y):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        if len(idx) >= 2:   # keep at least one example of every class on the fitting side
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if len(idx) >= 2:
             val.append(idx[:min(max(1, round(len(idx) * fraction)), len(idx) - 1)])
     if not val:
         return None, None
-    val = torch.cat(val)
-    fit = torch.ones(len(y), dtype=torch.bool)
-    fit[val] = False
-    return fit.nonzero().flatten(), val
+    val = np.concatenate(val)
+    return np.setdiff1d(np.arange(len(y)), val), val
+
+
+def _fit(x, y, C, max_iter, tol):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    import warnings
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, tol=tol))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # non-convergence is reported in the result instead
+        model.fit(x, y)
+    return model, int(np.max(model[-1].n_iter_))
 
 
 def linear_probe(train_feats, train_labels, test_feats, test_labels, Cs: Sequence[float] = PROBE_CS,
-                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000, tol: float = 1e-4,
-                 dtype=torch.float64) -> dict:
+                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000, tol: float = 1e-4) -> dict:
     """Logistic-regression probe (see the module doc). Returns a dict with ``top1`` (test accuracy
     in %, with ``C`` chosen on the held-out split), ``C``, ``val_top1`` and ``test_top1`` per C
-    (the latter an oracle view for comparison with grids reported elsewhere), sizes and
-    whether L-BFGS converged within ``max_iter`` iterations for every fit."""
-    with _single_cpu_thread():
-        return _linear_probe(_as_float(train_feats, dtype), train_labels, _as_float(test_feats, dtype),
-                             test_labels, Cs, val_fraction, seed, max_iter, tol)
-
-
-def _linear_probe(x_tr, train_labels, x_te, test_labels, Cs, val_fraction, seed, max_iter, tol):
-    y_tr, y_te = _as_labels(train_labels), _as_labels(test_labels)
-    if x_tr.ndim != 2 or x_tr.shape[0] != y_tr.shape[0] or x_te.shape[0] != y_te.shape[0]:
+    (the latter an oracle view for comparison with grids reported elsewhere), sizes and whether
+    L-BFGS converged within ``max_iter`` iterations for every fit."""
+    x_tr, x_te = _as_numpy(train_feats), _as_numpy(test_feats)
+    y_tr, y_te = np.asarray(train_labels).astype(np.int64), np.asarray(test_labels).astype(np.int64)
+    if x_tr.shape[0] != y_tr.shape[0] or x_te.shape[0] != y_te.shape[0]:
         raise ValueError("linear_probe: features must be [N, D] with one label per row")
-    n_classes = int(max(y_tr.max(), y_te.max())) + 1
     Cs = sorted(float(c) for c in Cs)
-    iters = []
-
+    iters, val_top1, test_top1 = [], {}, {}
     fit_idx, val_idx = _stratified_holdout(y_tr, val_fraction, seed)
-    val_top1 = {}
-    if val_idx is not None:
-        scale = _standardiser(x_tr[fit_idx])
-        xf, xv = scale(x_tr[fit_idx]), scale(x_tr[val_idx])
-        prev = None
-        for C in Cs:   # ascending C, warm-started: the optimum is unique, only the path shortens
-            W, b, it = _fit_logreg(xf, y_tr[fit_idx], n_classes, C, max_iter, tol, init=prev)
-            prev = (W, b)
-            iters.append(it)
-            val_top1[C] = _accuracy(W, b, xv, y_tr[val_idx])
-        chosen = max(Cs, key=lambda c: (val_top1[c], -c))   # ties -> stronger regularisation
-    else:
-        chosen = Cs[len(Cs) // 2]
-
-    scale = _standardiser(x_tr)
-    xs_tr, xs_te = scale(x_tr), scale(x_te)
-    test_top1, prev = {}, None
     for C in Cs:
-        W, b, it = _fit_logreg(xs_tr, y_tr, n_classes, C, max_iter, tol, init=prev)
-        prev = (W, b)
+        if val_idx is not None:
+            model, it = _fit(x_tr[fit_idx], y_tr[fit_idx], C, max_iter, tol)
+            iters.append(it)
+            val_top1[C] = 100.0 * float((model.predict(x_tr[val_idx]) == y_tr[val_idx]).mean())
+        model, it = _fit(x_tr, y_tr, C, max_iter, tol)
         iters.append(it)
-        test_top1[C] = _accuracy(W, b, xs_te, y_te)
+        test_top1[C] = 100.0 * float((model.predict(x_te) == y_te).mean())
+    # ties -> stronger regularisation
+    chosen = max(Cs, key=lambda c: (val_top1[c], -c)) if val_top1 else Cs[len(Cs) // 2]
     return {
         "top1": test_top1[chosen],
         "C": chosen,
@@ -329,8 +260,8 @@ def _linear_probe(x_tr, train_labels, x_te, test_labels, Cs, val_fraction, seed,
                         if val_idx is not None else "default (too few labels per class to hold out)"),
         "val_top1": val_top1,
         "test_top1": test_top1,
-        "n_train": len(y_tr), "n_test": len(y_te), "n_classes": n_classes, "dim": x_tr.shape[1],
-        "converged": all(it < max_iter for it in iters), "max_iter": max_iter,
+        "n_train": len(y_tr), "n_test": len(y_te), "n_classes": int(max(y_tr.max(), y_te.max())) + 1,
+        "dim": x_tr.shape[1], "converged": all(it < max_iter for it in iters), "max_iter": max_iter,
     }
 
 
@@ -343,7 +274,7 @@ def knn(train_feats, train_labels, test_feats, test_labels, k: int = 20, tempera
     with torch.inference_mode():
         tr = F.normalize(torch.as_tensor(train_feats).float(), dim=1)
         te = F.normalize(torch.as_tensor(test_feats).float(), dim=1)
-        y_tr, y_te = _as_labels(train_labels), _as_labels(test_labels)
+        y_tr, y_te = (torch.as_tensor(np.asarray(y)).long() for y in (train_labels, test_labels))
         n_classes = int(max(y_tr.max(), y_te.max())) + 1
         k = min(k, len(tr))
         correct = 0
@@ -361,66 +292,49 @@ def knn(train_feats, train_labels, test_feats, test_labels, k: int = 20, tempera
 def raw_pixel_probe(train_images, train_labels, test_images, test_labels, **probe_kwargs) -> dict:
     """The raw-pixel baseline with the same probe: images flattened (uint8 or float, any shape
     ``[N, ...]``), then ``linear_probe``."""
-    flat = lambda a: _as_float(a).reshape(len(a), -1)
-    return linear_probe(flat(train_images), train_labels, flat(test_images), test_labels, **probe_kwargs)
+    return linear_probe(train_images, train_labels, test_images, test_labels, **probe_kwargs)
 
 
 # ----------------------------------------------------------------------------- collapse
-def collapse_stats(features, dead_fraction_of_rms: float = 1e-2) -> dict:
-    """Diagnostics of representation collapse for features ``[N, D]`` (N >= 2).
+def collapse_stats(features) -> dict:
+    """Diagnostics of representation collapse for features ``[N, D]`` (N >= 2): the training
+    loop's statistics (``engine.diagnostics.collapse_stats``, in float64 here) plus
 
-    * ``std_mean``: per-dimension std across samples, averaged over dims; ``std_relative`` the
-      same divided by the features' RMS (scale-free: collapse -> 0).
-    * ``std_normalized``: the same on L2-normalised rows (SimSiam's collapse monitor): about
-      ``1/sqrt(D)`` (``std_normalized_healthy``) for isotropic zero-mean features, lower when a
-      shared mean direction dominates, 0 when collapsed.
-    * ``effective_rank``: exp of the entropy of the normalised singular values of the CENTRED
-      features (1 .. min(N, D); 0 when every row is the same).
-    * ``dead_fraction``: fraction of dims whose std is below ``dead_fraction_of_rms`` x RMS.
-    * ``collapsed``: std_relative below that threshold or effective rank below 2.
+    * ``std_normalized``: the per-dim std of the L2-normalised rows (SimSiam's collapse monitor):
+      about ``1/sqrt(D)`` (``std_normalized_healthy``) for isotropic zero-mean features, lower when
+      a shared mean direction dominates, 0 when collapsed;
+    * ``collapsed``: the per-dim std below 1 % of the feature RMS, or an effective rank below 2
+      (0 when every row is the same).
     """
-    with torch.inference_mode():
-        x = torch.as_tensor(features).detach().to("cpu", torch.float64)
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"collapse_stats: need features [N>=2, D], got {tuple(x.shape)}")
-        n, d = x.shape
-        rms = float(x.pow(2).mean().sqrt())
-        std = x.std(0, unbiased=False)
-        centred = x - x.mean(0)
-        sv = torch.linalg.svdvals(centred)
-        if float(sv.max()) <= 1e-9 * max(float(x.norm()), 1e-300):
-            erank = 0.0   # only rounding noise left after centring: all rows equal
-        else:
-            p = sv / sv.sum()
-            p = p[p > 0]
-            erank = float(torch.exp(-(p * p.log()).sum()))
-        std_norm = F.normalize(x, dim=1).std(0, unbiased=False)
-        threshold = dead_fraction_of_rms * rms
-        std_relative = float(std.mean()) / rms if rms > 0 else 0.0
-        reasons = []
-        if std_relative < dead_fraction_of_rms:
-            reasons.append(f"per-dim std is {std_relative:.2g} of the feature RMS")
-        if erank < 2:
-            reasons.append(f"effective rank {erank:.2f}")
-    return {
-        "n": n, "dim": d, "rms": rms,
-        "std_mean": float(std.mean()), "std_relative": std_relative,
-        "std_normalized": float(std_norm.mean()), "std_normalized_healthy": 1.0 / math.sqrt(d),
-        "effective_rank": erank, "effective_rank_fraction": erank / min(n, d),
-        "dead_fraction": float((std < threshold).double().mean()) if rms > 0 else 1.0,
-        "collapsed": bool(reasons), "reason": "; ".join(reasons),
-    }
+    from engine.diagnostics import collapse_stats as stats
+    x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+    x = x.detach().to("cpu", torch.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"collapse_stats: need features [N>=2, D], got {tuple(x.shape)}")
+    n, d = x.shape
+    s = {k: float(v) for k, v in stats(x).items()}
+    if float(torch.linalg.svdvals(x - x.mean(0)).max()) <= 1e-9 * max(float(x.norm()), 1e-300):
+        s["effective_rank"] = 0.0   # only rounding noise left after centring: all rows equal
+    if s["rms"] == 0:
+        s.update(std_relative=0.0, dead_fraction=1.0)
+    reasons = []
+    if s["std_relative"] < 1e-2:
+        reasons.append(f"per-dim std is {s['std_relative']:.2g} of the feature RMS")
+    if s["effective_rank"] < 2:
+        reasons.append(f"effective rank {s['effective_rank']:.2f}")
+    return {"n": n, "dim": d, "rms": s["rms"], "std_mean": s["feature_std"], "std_relative": s["std_relative"],
+            "std_normalized": float(F.normalize(x, dim=1).std(0, unbiased=False).mean()),
+            "std_normalized_healthy": 1.0 / math.sqrt(d), "effective_rank": s["effective_rank"],
+            "effective_rank_fraction": s["effective_rank"] / min(n, d), "dead_fraction": s["dead_fraction"],
+            "collapsed": bool(reasons), "reason": "; ".join(reasons)}
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def load_fmnist(split: str = "train", root: str = FMNIST_DIR):
     """``(images uint8 [N, 28, 28], labels int64 [N])`` of the official split (engine.data's reader;
     a missing or malformed file is a usage error here)."""
-    from engine.data import DataError, load_fmnist as _load
-    try:
-        return _load(split, root)
-    except DataError as e:
-        raise _usage_error(str(e)) from None
+    from engine.data import load_fmnist as _load
+    return _load(split, root)
 
 
 def labelled_subset(labels: np.ndarray, n: Optional[int] = None, per_class: Optional[int] = None,
@@ -433,11 +347,11 @@ def labelled_subset(labels: np.ndarray, n: Optional[int] = None, per_class: Opti
         raise ValueError("labelled_subset: give exactly one of n, per_class")
     if n is not None:
         if not 0 < n <= len(labels):
-            raise _usage_error(f"--labels {n}: must be between 1 and {len(labels)}")
+            raise UsageError(f"--labels {n}: must be between 1 and {len(labels)}")
         return perm[:n]
     counts = np.bincount(labels)
     if per_class <= 0 or per_class > counts.min():
-        raise _usage_error(f"--labels-per-class {per_class}: must be between 1 and {counts.min()} "
+        raise UsageError(f"--labels-per-class {per_class}: must be between 1 and {counts.min()} "
                            f"(the smallest class)")
     seen = np.zeros(len(counts), dtype=np.int64)
     keep = []
@@ -461,7 +375,7 @@ def fmnist_to_tensor(images: np.ndarray, crop_size: int, in_chans: int = 3) -> t
     elif in_chans == 1:
         mean, std = GREY_MEAN, GREY_STD
     else:
-        raise _usage_error(f"Fashion-MNIST gives 1 or 3 channels; the encoder takes {in_chans}")
+        raise UsageError(f"Fashion-MNIST gives 1 or 3 channels; the encoder takes {in_chans}")
     return (x - mean) / std
 
 
@@ -487,12 +401,12 @@ def _imagefolder(root: str, split: str, crop_size: int, in_chans: int):
     from torchvision.datasets import ImageFolder
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise _usage_error(f"imagefolder:{root}: no {split}/ subfolder (expected {root}/train and {root}/val "
+        raise UsageError(f"imagefolder:{root}: no {split}/ subfolder (expected {root}/train and {root}/val "
                            f"with one folder per class)")
     try:
         return ImageFolder(folder, transform=imagefolder_transform(crop_size, in_chans))
     except (FileNotFoundError, RuntimeError) as e:
-        raise _usage_error(f"{folder}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"{folder}: {str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------- evaluation driver
@@ -551,7 +465,7 @@ def load_eval_data(spec: str, crop_size: int, in_chans: int, labels: Optional[in
         test_idx = np.arange(min(len(test_ds), test_limit) if test_limit else len(test_ds))
         test_targets = np.asarray(test_ds.targets, dtype=np.int64)[test_idx]
         if train_ds.classes != test_ds.classes:
-            raise _usage_error(f"imagefolder:{root}: train/ and val/ have different class folders")
+            raise UsageError(f"imagefolder:{root}: train/ and val/ have different class folders")
 
         def loader(ds, ids):
             return DataLoader(Subset(ds, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -560,7 +474,7 @@ def load_eval_data(spec: str, crop_size: int, in_chans: int, labels: Optional[in
                          "n_test": len(test_idx),
                          "preprocess": f"resize {int(round(crop_size * 256 / 224))}, center crop {crop_size}, "
                                        f"ImageNet mean/std"})
-    raise _usage_error(f"--data {spec!r}: use fmnist, fmnist:DIR or imagefolder:PATH")
+    raise UsageError(f"--data {spec!r}: use fmnist, fmnist:DIR or imagefolder:PATH")
 
 
 def evaluate_encoder(encoder, data: EvalData, protocol: str = "both", batch_size: int = 256,
@@ -589,9 +503,9 @@ def evaluate(checkpoint: str, data: str = "fmnist", protocol: str = "both", labe
     """What ``ijepa eval`` does, as a function; returns the JSON-able result dict."""
     cells = parse_pool(pool)
     if protocol not in ("linear", "knn", "both"):
-        raise _usage_error(f"--protocol {protocol!r}: choose linear, knn or both")
+        raise UsageError(f"--protocol {protocol!r}: choose linear, knn or both")
     if baseline not in (None, "random"):
-        raise _usage_error(f"--baseline {baseline!r}: only 'random' is available")
+        raise UsageError(f"--baseline {baseline!r}: only 'random' is available")
     t0 = time.perf_counter()
     enc = load_encoder(checkpoint, encoder, device, num_heads)
     parse_pool(pool, (enc.arch.img_size // enc.arch.patch_size) ** 2)   # before any image is read
@@ -684,9 +598,9 @@ def _main(args) -> int:
     for name in ("labels", "labels_per_class", "batch_size", "test_limit", "num_heads", "knn_k"):
         v = getattr(args, name)
         if v is not None and v <= 0:
-            raise _usage_error(f"--{name.replace('_', '-')} {v}: must be a positive integer")
+            raise UsageError(f"--{name.replace('_', '-')} {v}: must be a positive integer")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise _usage_error(f"--device {args.device!r}: use cpu or cuda")
+        raise UsageError(f"--device {args.device!r}: use cpu or cuda")
     result = evaluate(args.checkpoint, args.data, args.protocol, args.labels, args.labels_per_class,
                       args.encoder, args.baseline, args.device, args.batch_size, args.test_limit,
                       args.num_heads, args.knn_k, args.seed, args.workers, pool=args.pool)
