@@ -55,10 +55,6 @@ _DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
 _INDEX_VERSION = 1
 
 
-class DaliError(DataError):
-    """The DALI loader cannot run as asked. The message is one line and names the fix."""
-
-
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
@@ -323,13 +319,13 @@ class DaliImageLoader:
                  device=None, prefetch: int = 2, validate: str = "header", cache_dir=None,
                  max_images: int | None = None, crop_ratio=(3 / 4, 4 / 3)):
         if decode_device not in ("auto", "cpu", "mixed"):
-            raise DaliError(f"decode_device: {decode_device!r} is not allowed; choose auto, cpu or mixed")
+            raise DataError(f"decode_device: {decode_device!r} is not allowed; choose auto, cpu or mixed")
         if validate not in ("header", "full"):
-            raise DaliError(f"validate: {validate!r} is not allowed; choose header or full")
+            raise DataError(f"validate: {validate!r} is not allowed; choose header or full")
         if in_chans not in (1, 3):
-            raise DaliError(f"in_chans: {in_chans}; DALI decodes to 1 (gray) or 3 (RGB) channels")
+            raise DataError(f"in_chans: {in_chans}; DALI decodes to 1 (gray) or 3 (RGB) channels")
         if not (0 <= rank < world_size):
-            raise DaliError(f"rank {rank} is outside world size {world_size}")
+            raise DataError(f"rank {rank} is outside world size {world_size}")
         self.crop_size, self.batch_size = int(crop_size), int(batch_size)
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.num_threads, self.prefetch = max(1, int(num_threads)), max(1, int(prefetch))
@@ -343,7 +339,7 @@ class DaliImageLoader:
             decode_device = "mixed" if self.device.type == "cuda" and torch.cuda.is_available() else "cpu"
         self.decode_device = decode_device
         if decode_device == "mixed" and self.device.type != "cuda":
-            raise DaliError(f"decode_device='mixed' decodes on the GPU but device is {self.device}; "
+            raise DataError(f"decode_device='mixed' decodes on the GPU but device is {self.device}; "
                             f"pass device='cuda' or use decode_device='cpu'")
 
         # ---- the file list
@@ -351,17 +347,17 @@ class DaliImageLoader:
             root = os.fspath(source)
             paths, labels, self.classes = list_image_folder(root)
             if not paths:
-                raise DaliError(f"no images under {root}; expected class folders with "
+                raise DataError(f"no images under {root}; expected class folders with "
                                 f"{'/'.join(IMG_EXTENSIONS[:3])}... files")
             key = os.path.abspath(root)
         elif isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-            raise DaliError(f"{source} is neither an image folder nor a file list; check data.root_path "
+            raise DataError(f"{source} is neither an image folder nor a file list; check data.root_path "
                             f"and data.image_folder")
         else:
             paths, labels = read_file_list(source)
             self.classes = sorted(set(labels))
             if not paths:
-                raise DaliError(f"the file list {source if isinstance(source, str) else ''} is empty")
+                raise DataError(f"the file list {source if isinstance(source, str) else ''} is empty")
             key = (os.path.abspath(source) if isinstance(source, (str, os.PathLike))
                    else hashlib.sha1("\n".join(paths).encode()).hexdigest())
         if max_images:
@@ -375,7 +371,7 @@ class DaliImageLoader:
         for i, why in sorted(self.index.bad.items()):
             self._mark_bad(i, why)
         if len(self._bad) == len(paths):
-            raise DaliError(f"none of the {len(paths)} files is a readable image (first: {self.bad_files[0]}); "
+            raise DataError(f"none of the {len(paths)} files is a readable image (first: {self.bad_files[0]}); "
                             f"check the data folder")
         if self._bad:
             log.warning("%d of %d files are unreadable and will be replaced by the next readable file "
@@ -384,7 +380,7 @@ class DaliImageLoader:
         n = len(paths)
         self.num_samples = math.ceil(n / world_size)   # per rank, after DistributedSampler padding
         if len(self) == 0:
-            raise DaliError(f"{n} images give no full batch of {batch_size} per rank (world size "
+            raise DataError(f"{n} images give no full batch of {batch_size} per rank (world size "
                             f"{world_size}); lower data.batch_size or use drop_last=False")
 
         self.epoch = 0
@@ -480,10 +476,10 @@ class DaliImageLoader:
             pipe.build()
         except RuntimeError as e:
             if self.decode_device == "mixed":
-                raise DaliError(f"DALI decode_device='mixed' needs a CUDA GPU with its driver and could not "
+                raise DataError(f"DALI decode_device='mixed' needs a CUDA GPU with its driver and could not "
                                 f"get one ({_first_line(e)}); use decode_device='cpu' (or 'auto', which "
                                 f"picks cpu when there is no GPU)") from e
-            raise DaliError(f"DALI could not build the pipeline ({_first_line(e)})") from e
+            raise DataError(f"DALI could not build the pipeline ({_first_line(e)})") from e
         self._pipe = pipe
 
     def _close(self):
@@ -513,7 +509,7 @@ class DaliImageLoader:
                     raise
                 self._repair(list(self._pending), e)
         else:   # pragma: no cover - every file would have to be bad, which _repair reports first
-            raise DaliError("DALI kept failing after every file was replaced")
+            raise DataError("DALI kept failing after every file was replaced")
         assert (plan.epoch, plan.batch) == self._stream_pos, "DALI returned batches out of order"
         self._stream_pos = self._advance(self._stream_pos)
         self.last_plan = plan
@@ -553,11 +549,11 @@ class DaliImageLoader:
             if found:
                 break
         if not found:
-            raise DaliError(f"DALI failed on batch {first_plan.batch} of epoch {first_plan.epoch} but every "
+            raise DataError(f"DALI failed on batch {first_plan.batch} of epoch {first_plan.epoch} but every "
                             f"file of it decodes on its own ({_first_line(err)}); files: "
                             f"{', '.join(first_plan.paths[:4])}...") from err
         if len(self._bad) == len(self.paths):
-            raise DaliError("no readable image is left; check the data folder") from err
+            raise DataError("no readable image is left; check the data folder") from err
         self._build(first_plan.epoch, first_plan.batch)
 
     # ------------------------------------------------------------------ public iteration
@@ -565,7 +561,7 @@ class DaliImageLoader:
         """Batches ``start, start+1, ...`` of ``epoch`` (the training loop's entry point)."""
         n = len(self)
         if not (0 <= start <= n):
-            raise DaliError(f"batch {start} is outside the epoch's {n} batches")
+            raise DataError(f"batch {start} is outside the epoch's {n} batches")
         # an uninterrupted run keeps one pipeline whose prefetch already holds the next
         # epoch's first batches; any other position (resume, a repeated epoch) rebuilds it
         if start < n and (self._pipe is None or self._stream_pos != (epoch, start)):
@@ -594,7 +590,7 @@ class DaliImageLoader:
         for key, mine in (("num_files", len(self.paths)), ("world_size", self.world_size),
                           ("batch_size", self.batch_size), ("seed", self.seed)):
             if key in state and state[key] != mine:
-                raise DaliError(f"loader state: {key} was {state[key]}, now {mine}; the data stream cannot "
+                raise DataError(f"loader state: {key} was {state[key]}, now {mine}; the data stream cannot "
                                 f"resume exactly; restore the old setting or start a fresh epoch")
         self.epoch, self._start = int(state["epoch"]), int(state["batch"])
         self._served = (self.epoch, self._start)
@@ -611,13 +607,13 @@ def build_dali_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.devi
     """The DALI loader for an ``IJEPAConfig`` (``data.dataset: imagefolder``)."""
     d = cfg.data
     if d.dataset != "imagefolder":
-        raise DaliError(f"data.loader: dali reads image folders only (data.dataset is {d.dataset!r}); "
+        raise DataError(f"data.loader: dali reads image folders only (data.dataset is {d.dataset!r}); "
                         f"use data.loader: torch")
     root = os.path.join(d.root_path, d.image_folder) if d.image_folder else d.root_path
     if os.path.isdir(os.path.join(root, "train")):   # the reference trains on <root>/train/
         root = os.path.join(root, "train")
     if not os.path.isdir(root):
-        raise DaliError(f"image folder {root} does not exist; set data.root_path/data.image_folder")
+        raise DataError(f"image folder {root} does not exist; set data.root_path/data.image_folder")
     threads = max(1, min(d.num_workers or 1, os.cpu_count() or 1))
     return DaliImageLoader(root, d.crop_size, d.batch_size, rank=rank, world_size=world_size,
                            seed=cfg.train.seed, num_threads=threads, decode_device="auto",

@@ -120,7 +120,11 @@ class Block(nn.Module):
         keys/values but their own query, projection and MLP are never computed.
         ``packed``: see ``Attention.forward``."""
         if self.checkpointed and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, packed, use_reentrant=False)
+            # preserve_rng_state would save the global RNG here and RESTORE it in the backward
+            # recompute, rewinding the reference-mode mask draws the data thread makes meanwhile;
+            # a block draws no random numbers, so there is nothing to preserve
+            return torch.utils.checkpoint.checkpoint(self._forward, x, keep_from, packed, use_reentrant=False,
+                                                     preserve_rng_state=False)
         return self._forward(x, keep_from, packed)
 
     def _forward(self, x, keep_from: int | None = None, packed=None):

@@ -7,8 +7,9 @@ ranks, and checkpoints. Two implementations:
 * ``LocalStrategy`` (this file): one process, CPU or one GPU.
 * ``ZeroStrategy`` (``engine/zero.py``): DeepSpeed ZeRO 0-3 over any number of ranks.
 
-``make_strategy`` picks one and, before any work, refuses with one line every config key the
-chosen backend cannot honour (``UNSUPPORTED``); every other key means the same on both.
+``engine.train.make_strategy`` picks one; ``check_supported`` refuses, before any work and in one
+line, every config key the chosen backend cannot honour (``UNSUPPORTED``); every other key means
+the same on both.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from engine.schedules import apply_lr_wd
 # (config key, value or None for "any", backend) -> why it cannot be honoured. Every key not
 # listed here is honoured by every backend (tests/test_backends.py walks the table).
 UNSUPPORTED = {
-    ("train.compile", True, "zero3"): "ZeRO-3 gathers each block's parameters in hooks around its forward, "
-                                      "which torch.compile cannot trace; use ZeRO 0-2 or train.compile=false",
+    # measured with deepspeed 0.19.8: dynamo fails on the gather bookkeeping ZeRO-3 keeps on every parameter
+    ("train.compile", True, "zero3"): "torch.compile cannot trace ZeRO-3's per-block parameter gathering; use "
+                                      "ZeRO 0-2 with train.compile, or train.compile=false",
 }
 
 
@@ -187,14 +189,3 @@ def load_adamw(optimizer, snap, names=None) -> None:
         keep = {k: v for k, v in saved.items() if k in ("lr", "betas", "eps", "weight_decay", "WD_exclude")}
         groups.append({**fresh[g], **keep, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def make_strategy(cfg, zero_stage=None) -> Strategy:
-    """``LocalStrategy``, or ``ZeroStrategy`` when ``--zero`` or a ``deepspeed:`` section asks for it."""
-    if zero_stage is None and cfg.deepspeed is None:
-        check_supported(cfg, "local")
-        return LocalStrategy(cfg, resolve_device(cfg.train.device))
-    from engine.zero import ZeroStrategy, resolve_zero_stage
-    stage = resolve_zero_stage(cfg, zero_stage)
-    check_supported(cfg, f"zero{stage}")
-    return ZeroStrategy(cfg, stage)

@@ -39,7 +39,7 @@ from engine.errors import ConfigError, DataError, NonFiniteError
 from engine.masks import MultiBlockMaskSampler, VectorizedMaskSampler
 from engine.model import mask_lengths
 from engine.schedules import Schedules
-from engine.strategy import make_strategy
+from engine.strategy import LocalStrategy, check_supported, resolve_device
 
 log = logging.getLogger("ijepa")
 
@@ -187,10 +187,23 @@ def train(cfg: IJEPAConfig, resume: bool = False, zero_stage=None) -> dict:
             "stop_reason": stop_reason, "checkpoint": run_log.checkpoint, "csv": run_log.csv_path,
             "folder": folder, "bad_files": list(loader.bad_files), "diagnostics": run_log.diagnostics,
             "collapse_warnings": run_log.collapse_warnings, "strategy": strategy, "model": strategy.model,
-            "world_size": world}
+            "world_size": world, "sampler": sampler, "loader": loader, "prefetch_depth": prefetch.depth,
+            "windows": run_log.windows}
 
 
 # ============================================================================ building blocks
+def make_strategy(cfg, zero_stage=None):
+    """The backend: one process (``LocalStrategy``), or DeepSpeed ZeRO (``engine.zero``) when
+    ``--zero`` or a ``deepspeed:`` section asks for it. Keys it cannot honour are refused first."""
+    if zero_stage is None and cfg.deepspeed is None:
+        check_supported(cfg, "local")
+        return LocalStrategy(cfg, resolve_device(cfg.train.device))
+    from engine.zero import ZeroStrategy, resolve_zero_stage
+    stage = resolve_zero_stage(cfg, zero_stage)
+    check_supported(cfg, f"zero{stage}")
+    return ZeroStrategy(cfg, stage)
+
+
 def build_loader(cfg, rank=0, world_size=1, device=torch.device("cpu")):
     """The loader ``data.loader`` names: ``torch`` (portable) or ``dali``; ``auto`` = DALI on a GPU
     for image folders (on a CPU the crops a run sees should not depend on whether DALI is there)."""
@@ -283,6 +296,7 @@ class RunLog:
         self.tb = _tensorboard(cfg, folder) if self.rank == 0 else None
         self.bar = _progress_bar(max_steps, pos["step"], cfg.train.progress and self.rank == 0)
         self.window, self.losses, self.diagnostics, self.collapse_warnings = [], [], [], []
+        self.windows = 0   # windows read so far
         self.skipped, self.last_loss = pos.get("skipped_steps", 0), pos.get("loss", float("nan"))
         self.checkpoint = None
         self.t_start = self.t_window = time.time()
@@ -318,6 +332,7 @@ class RunLog:
             off += len(diag_keys)
         if n:
             self._write(losses, skipped, diags)
+            self.windows += 1
         self.window.clear()
         self.t_window = time.time()
         return agreed

@@ -142,6 +142,9 @@ def build_ds_config(cfg: IJEPAConfig, zero_stage: int, world_size: int) -> dict:
         raise ConfigError(f"deepspeed.bf16.enabled: {user_bf16!r} conflicts with the run's precision "
                           f"{cfg.precision!r}; set train.precision (or meta.use_bfloat16) instead")
     user["bf16"] = {**(user.get("bf16") or {}), "enabled": bf16}
+    if bf16:   # a non-finite step is skipped on the device (ZeroStrategy._wrap_inner_step); DeepSpeed's
+        # own check would read the gradient norm back to the host every step
+        user["bf16"].setdefault("check_grad_overflow", False)
     user.pop("fp16", None)
     zo = dict(user.get("zero_optimization") or {})
     zo["stage"] = zero_stage

@@ -14,6 +14,7 @@ loop    ``engine.train.train`` straight vs stopped at step 3 and resumed (ZeRO-2
         ZeRO-3 stopped and resumed under ZeRO-1.
 keys    Every config key of the keys x backends table under ZeRO (tests/test_backends.py asserts).
 syncs   Host syncs in a window of default training steps under ZeRO-2 (tests/test_syncs.py asserts).
+nonfinite  NaN images for a whole epoch under every stage and precision: each step skipped.
 Rank 0 writes the measurements to OUT.json; the pytest side asserts on them.
 """
 import json
@@ -320,7 +321,76 @@ def run_loop(work):
     return res
 
 
-MODES = {"equiv": run_equiv, "cross": run_cross, "loop": run_loop}
+# ============================================================================ syncs
+def run_syncs(work):
+    """Host reads in a steady window of steps (tests/sync_audit.py), per rank: the default bf16
+    ZeRO-2 step, and the configurations where DeepSpeed itself reads the gradient norm back."""
+    import torch.distributed as dist
+    from engine.train import RunLog, train
+    from engine.zero import ZeroStrategy
+    from sync_audit import count_syncs, steady_syncs
+    res = {}
+    for name, stage, prec, clip in (("zero2_bf16", 2, "bf16", None), ("zero0_bf16", 0, "bf16", None),
+                                    ("zero1_bf16", 1, "bf16", None), ("zero2_fp32", 2, "fp32", None),
+                                    ("zero2_bf16_clip", 2, "bf16", 0.5), ("zero3_bf16", 3, "bf16", None)):
+        cfg = make_cfg(os.path.join(work, f"syncs_{name}"), prec, clip=clip,
+                       extra=("logging.log_every=2", "data.batch_size=8"))
+        with count_syncs(mark=[(RunLog, "flush"), (ZeroStrategy, "save")]) as events:
+            out = train(cfg, zero_stage=stage)
+        mine = [e[2] for e in steady_syncs(events)]
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        res[name] = {"per_rank": every, "steps": out["steps"]}
+    return res
+
+
+# ============================================================================ nonfinite
+def run_nonfinite(work):
+    """Epoch 2's images are NaN: under every stage and precision each of its steps is skipped (no
+    Adam update: the step count stays at epoch 1's), the run goes on and counts them."""
+    from engine import data
+    from engine.train import train
+    orig = data.SyntheticDataset.__getitem__
+
+    def poisoned(self, i):
+        img, label, bad = orig(self, i)
+        return (img * float("nan") if self.epoch == 1 else img), label, bad
+    data.SyntheticDataset.__getitem__ = poisoned
+    res = {}
+    try:
+        for stage in (0, 1, 2, 3):
+            for prec in ("fp32", "bf16"):
+                cfg = make_cfg(os.path.join(work, f"nan{stage}{prec}"), prec, extra=("data.batch_size=8",))
+                out = train(cfg, zero_stage=stage)
+                snap = state_of(out["checkpoint"])[2]
+                res[f"zero{stage}_{prec}"] = {"skipped": out["skipped"], "steps": out["steps"],
+                                              "adam_step": snap.meta["adam_step"],
+                                              "nan_losses": sum(l != l for l in out["losses"])}
+    finally:
+        data.SyntheticDataset.__getitem__ = orig
+    return res
+
+
+# ============================================================================ keys
+def run_keys(work):
+    """The keys x backends table (tests/backend_table.py) under ZeRO-2 and ZeRO-3."""
+    import torch.distributed as dist
+    from backend_table import BASE, jpeg_folder, run_table
+    from engine.train import train
+    if dist.get_rank() == 0:
+        jpeg_folder(os.path.join(work, "jpegs"))
+    barrier()
+
+    def make(folder, overrides):
+        return IJEPAConfig.from_yaml(SMOKE, [f"logging.folder={folder}", *BASE, *overrides])
+    res = {}
+    for stage in (2, 3):
+        res[f"zero{stage}"] = run_table(lambda cfg: train(cfg, zero_stage=stage), make, f"zero{stage}",
+                                        os.path.join(work, f"keys{stage}"), jpegs=os.path.join(work, "jpegs"))
+    return res
+
+
+MODES = {"keys": run_keys, "nonfinite": run_nonfinite, "equiv": run_equiv, "cross": run_cross, "loop": run_loop, "syncs": run_syncs}
 
 
 if __name__ == "__main__":

@@ -391,3 +391,27 @@ def test_bench_flops_command(tmp_path, capsys):
     assert "bench flops" in rep["meta"]["command"]
     text = capsys.readouterr().out
     assert "% MFU of 312 TFLOP/s" in text and "19.5 % MFU" in text
+
+
+@pytest.mark.parametrize("nenc", [1, 2])
+def test_flop_model_equals_torch_flop_counter_on_the_reference_path(nenc):
+    """The analytic model (engine/tools/flops.py) against torch.utils.flop_counter.FlopCounterMode
+    on a real forward+backward of the reference-semantics path (naive attention, every predictor
+    row computed): the same matmul and convolution FLOPs, exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from engine.masks import MultiBlockMaskSampler
+    from engine.model import build_model
+    from engine.tools.flops import step_flops
+    cfg = IJEPAConfig.from_dict({
+        "meta": {"model_name": "vit_tiny", "pred_depth": 2, "pred_emb_dim": 24},
+        "model": {"embed_dim": 48, "depth": 2, "num_heads": 3}, "data": {"dataset": "synthetic", "crop_size": 32},
+        "mask": {"patch_size": 4, "min_keep": 4, "num_enc_masks": nenc, "allow_overlap": nenc > 1},
+        "kernels": {"attention": "naive", "gather": "torch"}, "train": {"skip_unused_rows": False}})
+    model = build_model(cfg)
+    torch.manual_seed(0)
+    me, mp = MultiBlockMaskSampler.from_config(cfg)(4)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(4, 3, 32, 32), me, mp).backward()
+    sf = step_flops(num_patches=64, in_chans=3, patch_size=4, embed_dim=48, depth=2, mlp_ratio=4.0, pred_dim=24,
+                    pred_depth=2, k_ctx=me[0].shape[1], k_pred=mp[0].shape[1], nenc=nenc, npred=4)
+    assert counter.get_total_flops() == sf.total * 4

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data_dali import (DaliError, DaliImageLoader, IMAGENET_MEAN, IMAGENET_STD, build_dali_loader,
+from engine.errors import DataError
+from engine.data_dali import (DaliImageLoader, IMAGENET_MEAN, IMAGENET_STD, build_dali_loader,
                               distributed_indices, rrc_boxes)
 from stats_util import ks_2samp_p
 
@@ -137,7 +138,7 @@ def test_resume_gives_bit_identical_batches(folder):
     # the training loop's entry point gives the same stream
     c = make(folder / "train")
     assert all(torch.equal(x, y) for x, (y, _) in zip(rest, c.epoch_batches(1, 3)))
-    with pytest.raises(DaliError, match="batch_size was 8, now 4"):
+    with pytest.raises(DataError, match="batch_size was 8, now 4"):
         make(folder / "train", batch=4).load_state_dict(state)
 
 
@@ -207,12 +208,12 @@ def test_mixed_decode_without_gpu_is_a_clear_error(folder):
         images, _ = next(iter(loader))
         assert images.device.type == "cuda" and images.shape == (8, 3, 32, 32)
         return
-    with pytest.raises(DaliError) as err:
+    with pytest.raises(DataError) as err:
         make(folder / "train", decode_device="mixed", device="cuda")
     msg = str(err.value)
     assert "needs a CUDA GPU" in msg and "decode_device='cpu'" in msg and "\n" not in msg
     assert isinstance(err.value.__cause__, RuntimeError) and "CUDA" in str(err.value.__cause__)
-    with pytest.raises(DaliError, match="device='cuda'"):
+    with pytest.raises(DataError, match="device='cuda'"):
         make(folder / "train", decode_device="mixed", device="cpu")
 
 
@@ -285,7 +286,7 @@ def test_config_factory_reads_root_train_and_rejects_other_datasets(folder):
     assert (loader.rank, loader.world_size, len(loader)) == (1, 2, 5)
     x, y = next(iter(loader))
     assert x.shape == (8, 3, 32, 32)
-    with pytest.raises(DaliError, match="use data.loader: torch"):
+    with pytest.raises(DataError, match="use data.loader: torch"):
         build_dali_loader(cfg.replace(data={"dataset": "synthetic"}))
-    with pytest.raises(DaliError, match="neither an image folder nor a file list"):
+    with pytest.raises(DataError, match="neither an image folder nor a file list"):
         DaliImageLoader(str(folder / "missing"), 32, 8)

@@ -44,7 +44,8 @@ def harness(tmp_path_factory):
     work = tmp_path_factory.mktemp("ds")
     out = work / "out.json"
     t0 = time.time()
-    p = _torchrun([os.path.join(ROOT, "tests", "ds_harness.py"), "equiv,cross,loop", str(out), str(work)])
+    p = _torchrun([os.path.join(ROOT, "tests", "ds_harness.py"), "equiv,cross,loop,keys,syncs,nonfinite", str(out),
+                   str(work)], timeout=1200)
     assert p.returncode == 0, _tail(p)
     res = json.loads(out.read_text())
     res["launch_seconds"] = time.time() - t0
@@ -164,6 +165,46 @@ def test_training_loop_resumes_under_another_zero_stage(harness):
     r = harness["loop"]["3to1"]
     assert r["steps"] == [3, 8]
     assert max(abs(a - b) for a, b in zip(r["split"], r["straight"])) < 2e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_every_key_means_the_same_under_zero(harness, stage):
+    """tests/backend_table.py under DeepSpeed: each key honoured (what the loop built, its log, its
+    losses against the same backend's defaults) or refused in one line before any work."""
+    from engine.strategy import UNSUPPORTED
+    from backend_table import TABLE
+    results = harness["keys"][stage]
+    refused = {key for key, _, where in UNSUPPORTED if where == stage}
+    assert {k: v.split(":")[0] for k, v in results.items()} == \
+        {key: "refused" if key in refused else "ok" for key, *_ in TABLE}, results
+    for key in refused:
+        assert "\n" not in results[key] and key in results[key]
+
+
+@pytest.mark.slow
+def test_a_default_zero2_window_reads_nothing_back(harness):
+    """ZeRO-2 bf16 on 2 ranks, counted per rank (tests/sync_audit.py): no host read in the steps
+    outside the window reads and checkpoints, on ZeRO 1 and 2 with bf16. Where DeepSpeed itself reads
+    the gradient norm back each step (fp32, clipping, ZeRO-3; ZeRO-0 bf16's unfused wrapper), the
+    reads are DeepSpeed's own, none the engine's."""
+    r = harness["syncs"]
+    for name in ("zero2_bf16", "zero1_bf16"):
+        assert r[name]["per_rank"] == [[], []], r[name]
+    for name in ("zero2_fp32", "zero2_bf16_clip", "zero3_bf16", "zero0_bf16"):
+        reads = [w for rank in r[name]["per_rank"] for w in rank]
+        assert reads and all("deepspeed" in w or "stage" in w or "utils.py" in w or "optimizer.py" in w
+                             for w in reads), reads
+        assert not any(w.split(" <- ")[0].split("] ")[-1].startswith(("train.py", "zero.py", "strategy.py",
+                                                                         "model.py")) for w in reads), reads
+
+
+@pytest.mark.slow
+def test_every_stage_skips_a_nonfinite_step(harness):
+    """NaN images for the second epoch (4 steps): under ZeRO 0-3, fp32 and bf16, every one of its
+    steps is skipped -- the Adam step count stays at the first epoch's 4 -- and the run finishes."""
+    for name, r in harness["nonfinite"].items():
+        assert r == {"skipped": 4, "steps": 8, "adam_step": 4, "nan_losses": 4}, (name, r)
 
 
 # ------------------------------------------------------------------ CLI + export round trip

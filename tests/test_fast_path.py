@@ -188,3 +188,23 @@ def test_packed_training_uses_whole_masks(tmp_path):
     assert float(rows[0]["mask-A"]) >= me[0].shape[1]
     with pytest.raises(Exception, match="mask.packed"):
         cfg_with({"mask": {"packed": True}}, "fp32")
+
+
+def test_activation_checkpointing_leaves_the_global_rng_alone():
+    """The data thread draws reference-mode mask positions from the global RNG while the step runs.
+    A checkpointed block's backward recompute must not rewind it: torch's default
+    (preserve_rng_state=True) sets the RNG back to the forward's state for the recompute and then
+    restores it, so anything drawn meanwhile is drawn twice or lost. A hook inside the block draws
+    once in the forward and once in the recompute: both draws must advance the global RNG."""
+    cfg = cfg_with({"kernels": {"attention": "naive"}, "train": {"activation_checkpointing": True}}, "fp32")
+    m = build_model(cfg)
+    me, mp = MultiBlockMaskSampler.from_config(cfg)(2)
+    x = torch.randn(2, 3, 32, 32)
+    draws = []
+    m.encoder.blocks[0].attn.register_forward_pre_hook(lambda mod, args: draws.append(torch.rand(1)))
+    torch.manual_seed(123)
+    m(x, me, mp).backward()
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert [float(d) for d in draws] == [float(torch.rand(1)), float(torch.rand(1))]
+    assert float(after) == float(torch.rand(1))

@@ -36,7 +36,7 @@ from torch.profiler import record_function
 
 from engine.config import IJEPAConfig
 from engine.strategy import resolve_device
-from engine.tools.refharness import BenchUsageError
+from engine.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Schedules need an epoch length; both sides get the same one, so lr/wd/momentum agree.
@@ -330,7 +330,7 @@ E2E_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "pre
 
 def run_e2e(args) -> int:
     if args.steps < 1 or args.warmup < 0:
-        raise BenchUsageError("--steps must be >= 1 and --warmup >= 0")
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
     reference = None
     if args.reference is not None:
         from engine.tools.refharness import load_reference
@@ -576,7 +576,7 @@ class ProfiledLoop:
         try:
             loader = build_loader(cfg, 0, 1, device)
         except DataError as e:
-            raise BenchUsageError(f"{e} (or profile on synthetic images: --override data.dataset=synthetic)") from None
+            raise UsageError(f"{e} (or profile on synthetic images: --override data.dataset=synthetic)") from None
         self.runner, self.device = runner, device
         self.sampler = MultiBlockMaskSampler.from_config(cfg)
         with torch.random.fork_rng(devices=[]):
@@ -667,7 +667,7 @@ PROFILE_KEYS = ("config", "override", "reference", "device", "steps", "warmup", 
 
 def run_profile(args) -> int:
     if args.steps < 1 or args.warmup < 0:
-        raise BenchUsageError("--steps must be >= 1 and --warmup >= 0")
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
     reference = None
     if args.reference is not None:
         from engine.tools.refharness import load_reference
@@ -903,7 +903,7 @@ def run_flops(args) -> int:
     try:
         sf = flops_from_config(cfg, args.k_ctx, args.k_pred)
     except Exception as e:   # e.g. a mask config that cannot be sampled
-        raise BenchUsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
+        raise UsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
     peak = args.peak_tflops or device_peak_tflops(args.gpu)
     meta = run_meta(torch.device("cpu"), torch.get_num_threads(),
                     command_line("bench flops", args, ("config", "override", "batch_size", "k_ctx", "k_pred",

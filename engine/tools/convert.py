@@ -8,7 +8,7 @@ Formats
     dicts (DDP ``module.`` prefix; files without it load too), ``opt``, ``scaler``, ``epoch``,
     ``loss``, ``batch_size``, ``world_size``, ``lr``.
 ``engine``
-    The same dict plus ``"engine": {"version", "config", "step", ...}``.
+    The same dict plus ``"engine": {"format", "config", "step", ...}``.
 ``hf``
     A directory with ``config.json`` and ``model.safetensors`` (or a sharded
     ``model.safetensors.index.json``) holding ``transformers.IJepaModel`` weights under the
@@ -428,7 +428,6 @@ def engine_config_for(ck: Checkpoint) -> dict:
 
 
 def _engine_dict(ck: Checkpoint) -> dict:
-    from engine import __version__
     if ck.encoder_only:
         out = {"encoder": _prefixed(ck.encoder), "target_encoder": _prefixed(ck.encoder)}
     else:
@@ -444,7 +443,7 @@ def _engine_dict(ck: Checkpoint) -> dict:
     # A converted file starts a NEW engine run from these weights (and optimizer state): step,
     # epoch and data position are 0, the RNG is the seeded state; the reference's own ``epoch``
     # stays in the top-level field.
-    out["engine"] = {"format": FORMAT_VERSION, "version": __version__, "config": config, "step": 0, "epoch": 0,
+    out["engine"] = {"format": FORMAT_VERSION, "config": config, "step": 0, "epoch": 0,
                      "batch_in_epoch": 0, "sampler": None, "rng_cpu": rng, "rng_cuda": [],
                      "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
     return out

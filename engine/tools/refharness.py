@@ -42,14 +42,6 @@ REQUIRED_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/mask
                   "src/utils/tensors.py")
 
 
-class BenchUsageError(UsageError):
-    """Bad input to a benchmark command: one line, exit 2."""
-
-
-class ReferenceCheckoutError(BenchUsageError):
-    """The reference checkout cannot be used (missing, not a checkout, fails to import)."""
-
-
 def _phase(name):
     """The reference's step phases, as ``record_function`` ranges (what ``ijepa profile`` reads)."""
     return torch.profiler.record_function(f"ijepa::{name}")
@@ -70,16 +62,16 @@ def quiet():
 
 
 def check_checkout(path: str) -> str:
-    """Absolute path of a usable checkout, or ``ReferenceCheckoutError`` with a one-line reason."""
+    """Absolute path of a usable checkout, or ``UsageError`` with a one-line reason."""
     if not path or not os.path.isdir(path):
-        raise ReferenceCheckoutError(f"--reference {path}: no such directory; pass the path of a checkout of "
+        raise UsageError(f"--reference {path}: no such directory; pass the path of a checkout of "
                               f"facebookresearch/ijepa")
     if not os.path.isdir(os.path.join(path, "src")):
-        raise ReferenceCheckoutError(f"--reference {path}: no src/ folder, so not a checkout of facebookresearch/ijepa "
+        raise UsageError(f"--reference {path}: no src/ folder, so not a checkout of facebookresearch/ijepa "
                               f"(expected src/helper.py, src/models/vision_transformer.py)")
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise ReferenceCheckoutError(f"--reference {path}: missing {', '.join(missing)}; expected a checkout of "
+        raise UsageError(f"--reference {path}: missing {', '.join(missing)}; expected a checkout of "
                               f"facebookresearch/ijepa")
     return os.path.abspath(path)
 
@@ -112,7 +104,7 @@ def load_reference(path: str) -> types.SimpleNamespace:
                 allreduce = importlib.import_module("src.utils.distributed").AllReduce
     except Exception as e:
         first = (str(e).splitlines() or [""])[0]
-        raise ReferenceCheckoutError(f"--reference {path}: importing the reference failed "
+        raise UsageError(f"--reference {path}: importing the reference failed "
                               f"({type(e).__name__}: {first})") from None
     finally:
         sys.path.remove(path)
@@ -120,12 +112,12 @@ def load_reference(path: str) -> types.SimpleNamespace:
             root.removeHandler(guard)
     where = os.path.abspath(getattr(vit, "__file__", "") or "")
     if not where.startswith(path + os.sep):
-        raise ReferenceCheckoutError(f"--reference {path}: 'src' resolved to {where}, not to the checkout; "
+        raise UsageError(f"--reference {path}: 'src' resolved to {where}, not to the checkout; "
                               f"remove the other 'src' package from the Python path")
     for mod, attr in ((helper, "init_model"), (helper, "init_opt"), (mutils, "apply_masks"),
                       (tensors, "repeat_interleave_batch")):
         if not hasattr(mod, attr):
-            raise ReferenceCheckoutError(f"--reference {path}: {mod.__name__} has no {attr}; expected "
+            raise UsageError(f"--reference {path}: {mod.__name__} has no {attr}; expected "
                                   f"facebookresearch/ijepa's layout")
     return types.SimpleNamespace(path=path, vit=vit, helper=helper, apply_masks=mutils.apply_masks,
                                  repeat_interleave_batch=tensors.repeat_interleave_batch,
@@ -137,16 +129,16 @@ def check_buildable(cfg, mods) -> None:
     from engine.config import VIT_SIZES
     name = cfg.meta.model_name
     if not hasattr(mods.vit, name):
-        raise ReferenceCheckoutError(f"meta.model_name {name!r}: the reference has no such factory; "
+        raise UsageError(f"meta.model_name {name!r}: the reference has no such factory; "
                               f"use one of {', '.join(VIT_SIZES)}")
     dim, depth, heads, ratio = VIT_SIZES[name]
     a = cfg.arch
     if (a["embed_dim"], a["depth"], a["num_heads"], a["mlp_ratio"], a["pred_num_heads"]) != (
             dim, depth, heads, ratio, heads):
-        raise ReferenceCheckoutError("model.* overrides cannot be built by the reference's init_model (factory sizes "
+        raise UsageError("model.* overrides cannot be built by the reference's init_model (factory sizes "
                               "only); remove the model section or run without --reference")
     if cfg.data.in_chans != 3:
-        raise ReferenceCheckoutError(f"data.in_chans {cfg.data.in_chans}: the reference's encoders take 3 channels")
+        raise UsageError(f"data.in_chans {cfg.data.in_chans}: the reference's encoders take 3 channels")
 
 
 class ReferenceRunner:
