@@ -7,7 +7,11 @@ export TRITON_CACHE_DIR ?= $(CURDIR)/.cache/triton
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: venv data demo test test-fast bench clean
+# GPU hosts bring their own PyTorch: these targets use $(PYTHON) as it is and install nothing.
+PYTHON  ?= python3
+OUT     ?= runs/gpu-check
+
+.PHONY: venv data demo test test-fast test-gpu gpu-check bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt setup.py
@@ -35,6 +39,15 @@ test: venv data
 
 test-fast: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests -m "not slow"
+
+# The CUDA tier, in its own process, on the GPU, without the Triton interpreter.
+test-gpu:
+	IJEPA_TEST_TIER=cuda $(PYTHON) -m pytest -q -p no:cacheprovider -rs -m cuda tests/cuda
+
+# Validate and measure on one GPU in at most 10 minutes: $(OUT)/gpu-report.md (+ .json).
+# DRY=1: the same script on the CPU under the interpreter with tiny shapes (make test runs it).
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY),--dry-run) $(if $(REFERENCE),--reference $(REFERENCE))
 
 clean:
 	rm -rf .cache runs

@@ -47,7 +47,7 @@ import _common as C                                                   # noqa: E4
 import kernels.attention as katt                                      # noqa: E402
 from kernels.dispatch import BackendUnavailable                       # noqa: E402
 
-HEADS = {32: 12, 64: 12, 80: 16}          # predictor 384/12, ViT-B 768/12, ViT-H 1280/16
+HEADS = {32: 12, 64: 12, 80: 16, 96: 16, 128: 8}   # predictor 384/12, ViT-B 768/12, ViT-H 1280/16
 
 
 def env_info() -> dict:
@@ -71,7 +71,17 @@ def env_info() -> dict:
 
 
 # ----------------------------------------------------------------------------- part 1: speed
-def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> list[dict]:
+def _sdpa_only(name):
+    """``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn``: SDPA held to one of its kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel({"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name])
+
+
+def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps, packed=False) -> list[dict]:
+    """Dense ``[B, H, N, d]``, or with ``packed`` the same tokens as B sequences of length N packed
+    back to back (``cu_seqlens``), which is how the packed predictor runs."""
+    import contextlib
     rows = []
     cpu_autocast = device.type == "cpu" and dtype == torch.bfloat16
     for d in head_dims:
@@ -79,20 +89,26 @@ def bench_speed(device, dtype, backends, seqlens, head_dims, tokens, reps) -> li
         for N in seqlens:
             B = max(1, tokens // N)
             fwd_flop = 4 * B * H * N * N * d
-            q, k, v = (torch.randn(B, H, N, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            do = torch.randn(B, H, N, d, device=device, dtype=dtype)
+            shape = (B * N, H, d) if packed else (B, H, N, d)
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            do = torch.randn(shape, device=device, dtype=dtype)
+            kw = dict(cu_seqlens=torch.arange(0, B * N + 1, N, device=device, dtype=torch.int32), max_seqlen=N,
+                      seqlens=[N] * B) if packed else {}
             for be in backends:
-                row = dict(backend=be, B=B, H=H, N=N, d=d, dtype=str(dtype).replace("torch.", ""))
+                row = dict(backend=be, B=B, H=H, N=N, d=d, dtype=str(dtype).replace("torch.", ""),
+                           layout="packed" if packed else "dense")
+                impl = "sdpa" if be.startswith("sdpa_") else be
+                only = (lambda: _sdpa_only(be)) if be.startswith("sdpa_") else contextlib.nullcontext
                 try:
-                    katt.attention_backend(device, be, head_dim=d, dtype=dtype)
+                    katt.attention_backend(device, impl, head_dim=d, dtype=dtype, packed=packed)
 
                     def fwd():
-                        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast):
-                            katt.attention(q, k, v, backend=be)
+                        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast), only():
+                            katt.attention(q, k, v, backend=impl, **kw)
 
                     def fwd_bwd():
-                        with torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast):
-                            o = katt.attention(q, k, v, backend=be)
+                        with torch.autocast("cpu", torch.bfloat16, enabled=cpu_autocast), only():
+                            o = katt.attention(q, k, v, backend=impl, **kw)
                         torch.autograd.grad(o, (q, k, v), do)
                     fwd()
                     fwd_bwd()
@@ -226,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", nargs="+", choices=["speed", "memory"], default=["speed", "memory"])
     p.add_argument("--seqlens", type=int, nargs="+", default=[69, 113, 196, 256, 1024])
     p.add_argument("--head-dims", type=int, nargs="+", default=[32, 64, 80])
+    p.add_argument("--packed", action="store_true", help="also time packed variable-length layouts")
     p.add_argument("--tokens", type=int, default=None,
                    help="B = tokens // N (default: 16384 on CUDA, 1024 on CPU)")
     p.add_argument("--reps", type=int, default=7, help="CPU timing repetitions")
@@ -250,7 +267,8 @@ def main(argv=None) -> int:
         a.seqlens, a.head_dims = [69, 256], [64]
     speed_on = "speed" in a.parts
     if cuda:
-        dtype, backends, tokens = torch.bfloat16, ["triton", "sdpa", "xformers", "naive"], a.tokens or 16384
+        dtype, tokens = torch.bfloat16, a.tokens or 16384
+        backends = ["triton", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "xformers", "naive"]
         speed_on and print("# speed: CUDA, bf16, triton.testing.do_bench (median ms)")
     else:
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -263,8 +281,11 @@ def main(argv=None) -> int:
     speed = memory = []
     if "speed" in a.parts:
         speed = bench_speed(device, dtype, backends, a.seqlens, a.head_dims, tokens, a.reps)
+        if a.packed:   # SDPA has no kernel choice for nested tensors, naive runs one sequence at a time
+            speed += bench_speed(device, dtype, [b for b in backends if not b.startswith("sdpa_")], a.seqlens,
+                                 a.head_dims, tokens, a.reps, packed=True)
     if "memory" in a.parts:
-        mem_backends = backends if cuda else ["naive", "sdpa", "chunked"]
+        mem_backends = [b for b in backends if not b.startswith("sdpa_")] if cuda else ["naive", "sdpa", "chunked"]
         if not cuda and os.environ.get("TRITON_INTERPRET") == "1":
             # Saved-for-backward bytes do not depend on where the kernel runs, so the
             # interpreter gives the Triton backend's true activation memory (not its speed).

@@ -105,10 +105,10 @@ def time_epochs(run_epoch, epochs):
     return rates, images / (cpu_seconds() - cpu0)
 
 
-def bench_dali(folder, crop, batch, threads, epochs, cache_dir):
+def bench_dali(folder, crop, batch, threads, epochs, cache_dir, decode="cpu"):
     from engine.data_dali import DaliImageLoader
-    loader = DaliImageLoader(folder, crop, batch, num_threads=threads, decode_device="cpu",
-                             cache_dir=cache_dir)
+    loader = DaliImageLoader(folder, crop, batch, num_threads=threads, decode_device=decode, cache_dir=cache_dir,
+                             device=torch.device("cuda") if decode == "mixed" else None)
 
     def run(epoch):
         loader.set_epoch(epoch)
@@ -164,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs per configuration (after 1 warm-up)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="DALI threads / DataLoader workers")
     ap.add_argument("--fmnist", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--decode", choices=["cpu", "mixed"], default="cpu",
+                    help="DALI decoder: cpu (libjpeg-turbo) or mixed (nvJPEG on the GPU)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)   # the main process only collates / copies; workers do the decoding
@@ -180,8 +182,9 @@ def main(argv=None):
 
     rows = []
     for t in args.threads:
-        for name, fn in ((f"DALI CPU, num_threads={t}", lambda: bench_dali(
-                              folder, args.crop, args.batch, t, args.epochs, os.path.join(args.workdir, "index"))),
+        for name, fn in ((f"DALI {args.decode}, num_threads={t}", lambda: bench_dali(
+                              folder, args.crop, args.batch, t, args.epochs, os.path.join(args.workdir, "index"),
+                              args.decode)),
                          (f"DataLoader + PIL/torchvision, num_workers={t}", lambda: bench_torch(
                               folder, args.crop, args.batch, t, args.epochs))):
             rates, per_cpu_s = fn()

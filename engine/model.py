@@ -455,17 +455,38 @@ class IJEPA(nn.Module):
         if ema is not None:
             self.ema_backend = ema
 
-    def attention_summary(self) -> str:
-        """Which attention backend each part runs, and the head dim and dtype that decided it."""
+    def _attention_parts(self):
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        return dtype, (("encoder", list(self.encoder.blocks) + list(self.target_encoder.blocks)),
+                       ("predictor", list(self.predictor.predictor_blocks)))
+
+    def resolve_attention(self) -> None:
+        """Turn ``kernels.attention: auto`` into the measured fastest backend for each part on this
+        device (``kernels.attention.choose_attention``; shape class: the full patch grid)."""
+        dtype, parts = self._attention_parts()
         device = next(self.encoder.parameters()).device
-        out = []
-        for part, blocks, packed in (("encoder", self.encoder.blocks, self.cfg.mask.packed),
-                                     ("predictor", self.predictor.predictor_blocks, self.cfg.mask.packed)):
+        self.attention_choice = {}
+        for part, blocks in parts:
             attn = blocks[0].attn
             d = attn.qkv.in_features // attn.num_heads
-            b = katt.attention_backend(device, attn.backend, d, dtype, packed=packed)
-            out.append(f"{b} ({part}: head dim {d}, {str(dtype)[6:]}{', packed' if packed else ''})")
+            backend, why = katt.choose_attention(device, attn.backend, d, dtype, self.cfg.mask.packed,
+                                                 self.encoder.patch_embed.num_patches)
+            for blk in blocks:
+                blk.attn.backend = backend
+            self.attention_choice[part] = f"{backend} ({part}: head dim {d}, {str(dtype)[6:]}; {why})"
+
+    def attention_summary(self) -> str:
+        """Which attention backend each part runs, and the head dim, dtype and measurement behind it."""
+        if getattr(self, "attention_choice", None):
+            return " / ".join(self.attention_choice.values())
+        dtype, parts = self._attention_parts()
+        device = next(self.encoder.parameters()).device
+        out = []
+        for part, blocks in parts:
+            attn = blocks[0].attn
+            d = attn.qkv.in_features // attn.num_heads
+            b = katt.attention_backend(device, attn.backend, d, dtype, packed=self.cfg.mask.packed)
+            out.append(f"{b} ({part}: head dim {d}, {str(dtype)[6:]}{', packed' if self.cfg.mask.packed else ''})")
         return " / ".join(out)
 
     def detach_target(self) -> nn.Module:
@@ -603,7 +624,13 @@ def _as_list(m):
 
 
 def build_model(cfg, device: Optional[torch.device] = None) -> IJEPA:
-    """Seed-then-build, so the weights are a function of ``cfg.train.seed`` alone."""
+    """Seed-then-build, so the weights are a function of ``cfg.train.seed`` alone. On a GPU the
+    attention backends are resolved here (measured once per device and shape class)."""
     torch.manual_seed(cfg.train.seed)
     model = IJEPA(cfg)
-    return model.to(device) if device is not None else model
+    if device is None:
+        return model
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        model.resolve_attention()
+    return model

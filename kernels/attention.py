@@ -25,9 +25,11 @@ Backends (resolved by the project's single rule, ``kernels.dispatch.select``):
   rate (benchmarks/RESULTS.md).
 * ``naive``: the reference's math, ``softmax(q @ k^T * scale) @ v`` with the score matrix
   materialised. For tests and baselines only.
-* ``auto``: ``IJEPA_ATTENTION_BACKEND`` if set; else on CUDA ``triton`` when the head dim is
-  supported, then ``xformers``, then ``sdpa``; on CPU ``chunked`` for dense bf16 / fp16 inputs
-  and ``sdpa`` otherwise (fp32, packed).
+* ``auto``: ``IJEPA_ATTENTION_BACKEND`` if set. On CUDA a model resolves ``auto`` when it is built
+  (``choose_attention``): the fastest of triton (head dims it covers), xformers (when it runs)
+  and SDPA, measured once per device and shape class and kept in a table file; per call without
+  a model, ``triton`` when the head dim is covered, then ``xformers``, then ``sdpa``. On CPU
+  ``chunked`` for dense bf16 / fp16 inputs and ``sdpa`` otherwise (fp32, packed), measured.
 
 Explicitly requested backends that cannot run raise ``BackendUnavailable``; nothing falls back
 silently.
@@ -57,9 +59,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import BackendUnavailable, select
+from kernels.dispatch import BackendUnavailable, select, why_unavailable
 
-__all__ = ["attention", "attention_backend", "attention_chunked", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
+__all__ = ["attention", "attention_backend", "choose_attention", "attention_chunked", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
            "BackendUnavailable"]
 
 _ALLOWED = ("triton", "xformers", "sdpa", "chunked", "naive")
@@ -633,6 +635,100 @@ def attention_backend(device, backend: str = "auto", head_dim: Optional[int] = N
     if chosen == "triton" and reason is not None:
         raise BackendUnavailable(f"attention: backend 'triton' cannot run here: {reason}")
     return chosen
+
+
+# ------------------------------------------------------------------------------------ measured `auto` (CUDA)
+TABLE_ENV = "IJEPA_ATTENTION_TABLE"     # where measured choices are kept (``make gpu-check`` fills it too)
+
+
+def table_path() -> str:
+    return os.environ.get(TABLE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ijepa-engine",
+        "attention.json")
+
+
+def shape_class(seqlen: int) -> int:
+    """Sequence lengths are measured per power-of-two class (at least 64)."""
+    return max(64, 1 << (max(1, int(seqlen)) - 1).bit_length())
+
+
+def _time_fwd_bwd(backend, device, head_dim, dtype, packed, seqlen, tokens=1 << 16, heads=8) -> float:
+    """Median ms of one forward+backward at this shape class, from CUDA events (own generator: the
+    global RNG, which reference-mode masks draw from, is never touched)."""
+    n = shape_class(seqlen)
+    seqs = max(1, tokens // (n * heads))
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (seqs * n, heads, head_dim) if packed else (seqs, heads, n, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+    cu = torch.arange(0, seqs * n + 1, n, device=device, dtype=torch.int32) if packed else None
+    kw = dict(cu_seqlens=cu, max_seqlen=n, seqlens=[n] * seqs) if packed else {}
+
+    def step():
+        out = attention(q, k, v, backend=backend, **kw)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measured_backend(key: str, candidates: dict, timer) -> tuple[str, str]:
+    """The fastest of ``candidates`` (``{backend: None or why it cannot run}``) for ``key``, timed
+    once with ``timer(backend) -> ms`` and kept in the table file; ``(backend, why)``."""
+    import json
+    path = table_path()
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    if key in table and table[key].get("backend") in candidates and candidates[table[key]["backend"]] is None:
+        return table[key]["backend"], f"measured {table[key]['why']} ({path})"
+    timings, notes = {}, [f"{b}: {why}" for b, why in candidates.items() if why is not None]
+    for b in [b for b, why in candidates.items() if why is None]:
+        try:
+            timings[b] = float(timer(b))
+        except Exception as e:   # a backend that has no kernel for this shape, out of memory, ...
+            notes.append(f"{b}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+    if not timings:
+        raise BackendUnavailable(f"attention: no backend runs {key}: " + "; ".join(notes))
+    best = min(timings, key=timings.get)
+    why = ", ".join(f"{b} {ms:.3f} ms" for b, ms in sorted(timings.items(), key=lambda kv: kv[1]))
+    why += "".join(f"; {n}" for n in notes)
+    table[key] = {"backend": best, "why": why, "timings_ms": timings}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a read-only home: measured again next time
+    return best, f"measured {why}"
+
+
+def choose_attention(device, requested: str, head_dim: int, dtype: torch.dtype, packed: bool = False,
+                     seqlen: Optional[int] = None) -> tuple[str, str]:
+    """The backend a model should use and why. ``auto`` on CUDA with a known sequence length: the
+    fastest that runs, measured once per device and shape class (``measured_backend``); a head dim
+    the Triton kernels do not cover goes to xformers or SDPA, whichever runs and is faster. An
+    explicit request is used as is, or refused (``BackendUnavailable``)."""
+    device = torch.device(device)
+    if requested != "auto" or device.type != "cuda" or seqlen is None or os.environ.get("IJEPA_ATTENTION_BACKEND"):
+        chosen = attention_backend(device, requested, head_dim, dtype, packed)
+        return chosen, "requested" if requested != "auto" else "the static rule (no shape to measure)"
+    triton_why = triton_supports(head_dim, dtype, device)
+    candidates = {"triton": triton_why or why_unavailable("triton", device),
+                  "xformers": why_unavailable("xformers", device), "sdpa": None}
+    key = (f"{torch.cuda.get_device_name(device)}|d{head_dim}|{str(dtype)[6:]}|{'packed' if packed else 'dense'}"
+           f"|n{shape_class(seqlen)}")
+    return measured_backend(key, candidates, lambda b: _time_fwd_bwd(b, device, head_dim, dtype, packed, seqlen))
 
 
 def _check_inputs(q, k, v, cu_seqlens):

@@ -349,3 +349,38 @@ def test_aot_specs_cover_every_shipped_config():
                                                BLOCK_M=t.block_m, BLOCK_N=t.block_n)
                 assert (s["num_warps"], s["num_stages"]) == (t.num_warps, t.num_stages)
                 assert s["signature"]["Q"] == f"*{dt}" and s["uses_mma"]
+
+
+# ----------------------------------------------------------------------------- measured `auto` on CUDA
+def test_measured_choice_picks_the_fastest_that_runs_and_remembers_it(tmp_path, monkeypatch):
+    """The choice logic, with a stand-in timer (no GPU here): fastest wins, a backend that fails at
+    this shape or cannot run is passed over and named, the table file answers the next time."""
+    monkeypatch.setenv(A.TABLE_ENV, str(tmp_path / "table.json"))
+    calls = []
+
+    def timer(backend):
+        calls.append(backend)
+        if backend == "xformers":
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+        return {"triton": 2.0, "sdpa": 1.5}[backend]
+    cands = {"triton": None, "xformers": None, "sdpa": None}
+    best, why = A.measured_backend("H200|d80|bfloat16|dense|n256", cands, timer)
+    assert best == "sdpa" and "sdpa 1.500 ms, triton 2.000 ms" in why and "xformers: failed (NotImplementedError" in why
+    assert sorted(calls) == ["sdpa", "triton", "xformers"]
+    best, why = A.measured_backend("H200|d80|bfloat16|dense|n256", cands, lambda b: calls.append(b) or 0.1)
+    assert best == "sdpa" and len(calls) == 3 and str(tmp_path / "table.json") in why   # from the table
+    # a head dim without a Triton config and no xformers: SDPA, and the reasons are in the log line
+    best, why = A.measured_backend("H200|d24|bfloat16|dense|n256",
+                                   {"triton": "head dim 24 has no shipped kernel config", "sdpa": None,
+                                    "xformers": "xformers is not importable"}, lambda b: 3.0)
+    assert best == "sdpa" and "head dim 24" in why and "xformers is not importable" in why
+    with pytest.raises(BackendUnavailable, match="no backend runs"):
+        A.measured_backend("x", {"sdpa": None}, lambda b: 1 / 0)
+
+
+def test_choose_attention_off_cuda_and_for_explicit_requests():
+    assert A.choose_attention("cpu", "auto", 32, torch.bfloat16, seqlen=256) == ("chunked", "the static rule (no shape to measure)") or \
+        A.choose_attention("cpu", "auto", 32, torch.bfloat16, seqlen=256)[0] == "chunked"
+    assert A.choose_attention("cpu", "sdpa", 24, torch.float32)[0] == "sdpa"
+    with pytest.raises(BackendUnavailable):
+        A.choose_attention("cpu", "xformers", 64, torch.bfloat16)

@@ -1,5 +1,8 @@
-"""``ijepa kernels report``: the ahead-of-time compile report of every shipped Triton kernel."""
+"""``ijepa kernels report``: the ahead-of-time compile report of every shipped Triton kernel;
+``ijepa gpu-check``: ``benchmarks/gpu_check.py`` (``make gpu-check``) with this Python."""
 from __future__ import annotations
+
+import argparse
 
 
 def add_parser(sub):
@@ -13,6 +16,11 @@ def add_parser(sub):
     r.add_argument("--only", default=None, help="only kernels whose name contains this string")
     r.set_defaults(func=_report)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    g = sub.add_parser("gpu-check", help="validate and measure on one GPU in <= 10 min (benchmarks/gpu_check.py)",
+                       description="Runs benchmarks/gpu_check.py with this Python; every option is passed on "
+                                   "(--out DIR, --reference PATH, --e2e-batch N, --dry-run).")
+    g.add_argument("args", nargs=argparse.REMAINDER, help="options of benchmarks/gpu_check.py")
+    g.set_defaults(func=_gpu_check)
 
 
 def _report(args) -> int:
@@ -25,3 +33,12 @@ def _report(args) -> int:
     if args.only:
         argv += ["--only", args.only]
     return aot.main(argv)
+
+
+def _gpu_check(args) -> int:
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "benchmarks", "gpu_check.py")
+    return subprocess.call([sys.executable, script, *args.args])
