@@ -8,13 +8,13 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1", "torchvision==0.29.1", "triton==3.8.0", "numpy", "pyyaml", "pillow", "tqdm",
-        "safetensors", "tensorboard",
+        "safetensors", "tensorboard", "matplotlib==3.11.2", "scikit-learn==1.9.1",
     ],
     extras_require={
         "distributed": ["deepspeed==0.19.8"],
         "dali": ["nvidia-dali-cuda130==2.4.0"],
         "xformers": ["xformers==0.0.35"],
-        "eval": ["scikit-learn", "matplotlib", "transformers", "timm"],
+        "interchange": ["transformers", "timm"],
     },
     entry_points={"console_scripts": ["ijepa=engine.cli:main"]},
 )

@@ -142,12 +142,8 @@ def environment():
     import PIL
     import torchvision
     import nvidia.dali as dali
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from engine.tools.bench import cpu_model
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "loadavg_start": os.getloadavg(),
             "python": platform.python_version(), "torch": torch.__version__,

@@ -71,14 +71,10 @@ def main(argv=None):
     device = torch.device(args.device)
 
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    env = {"cpu": platform.processor() or "?", "cores": os.cpu_count(), "torch_threads": args.threads,
+    from engine.tools.bench import cpu_model
+    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
            "python": platform.python_version(), "torch": torch.__version__, "loadavg_start": os.getloadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     print(f"command: {cmd}")
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
 

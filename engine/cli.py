@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 
 # subcommand modules, in the order ``ijepa --help`` lists them
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from engine.errors import report
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["ijepa", *argv])   # what outputs quote as "the exact command"
     if args.version:
         from engine import __version__
         print(__version__)

@@ -15,7 +15,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 

@@ -12,10 +12,13 @@ counted (``TrainLoader.bad_files``); the epoch goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import math
 import os
+import queue
+import threading
 import warnings
 
 import numpy as np
@@ -29,16 +32,15 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"   # where the Debian package puts it
 
 
 # ----------------------------------------------------------------- augmentation
 def _gen(*keys) -> torch.Generator:
-    g = torch.Generator()
     h = 0
     for k in keys:
         h = (h * 1_000_003 + int(k) + 1) % (2 ** 61 - 1)
-    g.manual_seed(h)
-    return g
+    return torch.Generator().manual_seed(h)
 
 
 def rrc_box(height: int, width: int, scale, ratio, g: torch.Generator):
@@ -48,34 +50,30 @@ def rrc_box(height: int, width: int, scale, ratio, g: torch.Generator):
     for _ in range(10):
         target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=g).item())
         ar = math.exp(log_r[0] + (log_r[1] - log_r[0]) * torch.rand(1, generator=g).item())
-        w = int(round(math.sqrt(target * ar)))
-        h = int(round(math.sqrt(target / ar)))
+        w, h = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=g))
             left = int(torch.randint(0, width - w + 1, (1,), generator=g))
             return top, left, h, w
     # fallback: central crop at the nearest allowed ratio
-    in_ratio = width / height
+    in_ratio, w, h = width / height, width, height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        h = int(round(width / ratio[0]))
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
+        w = int(round(height * ratio[1]))
     return (height - h) // 2, (width - w) // 2, h, w
 
 
 def random_resized_crop(img: torch.Tensor, size: int, scale, g, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
     """``img`` float [C, H, W] -> [C, size, size]."""
     top, left, h, w = rrc_box(img.shape[-2], img.shape[-1], scale, ratio, g)
-    crop = img[:, top:top + h, left:left + w].unsqueeze(0)
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.squeeze(0)
+    return F.interpolate(img[None, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=True)[0]
 
 
 def normalize(img: torch.Tensor, channels: int) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN[:channels] if channels == 3 else (0.5,), dtype=img.dtype).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD[:channels] if channels == 3 else (0.5,), dtype=img.dtype).view(-1, 1, 1)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+    mean, std = (torch.tensor(v, dtype=img.dtype).view(-1, 1, 1) for v in (mean, std))
     return (img - mean) / std
 
 
@@ -89,12 +87,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root} does not exist; set data.root_path/data.image_folder")
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.samples = []
-        for ci, c in enumerate(classes):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, c))):
-                for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, f), ci))
+        self.samples = [(os.path.join(dirpath, f), ci) for ci, c in enumerate(classes)
+                        for dirpath, _, files in sorted(os.walk(os.path.join(root, c)))
+                        for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
         if not self.samples:
             raise DataError(f"no images under {root}; expected class folders with .jpg/.png files")
         self.classes, self.root = classes, root
@@ -109,8 +104,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                im = im.convert("RGB" if self.in_chans == 3 else "L")
-                arr = np.asarray(im, dtype=np.uint8).copy()
+                arr = np.asarray(im.convert("RGB" if self.in_chans == 3 else "L"), dtype=np.uint8).copy()
         t = torch.from_numpy(arr)
         return (t.permute(2, 0, 1) if t.ndim == 3 else t.unsqueeze(0)).float().div_(255)
 
@@ -122,12 +116,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 img = self._read(path)
             except Exception as e:  # truncated, not an image, permission, ...
-                msg = f"{path} ({type(e).__name__})"
-                log.warning("unreadable image skipped: %s", msg)
-                bad.append(msg)
+                bad.append(f"{path} ({type(e).__name__})")
+                log.warning("unreadable image skipped: %s", bad[-1])
                 continue
-            g = _gen(self.seed, self.epoch, i)
-            img = random_resized_crop(img, self.crop_size, self.crop_scale, g)
+            img = random_resized_crop(img, self.crop_size, self.crop_scale, _gen(self.seed, self.epoch, i))
             return normalize(img, self.in_chans), label, "\n".join(bad)
         raise DataError(f"no readable image in {self.root}")
 
@@ -146,15 +138,11 @@ def read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"   # where the Debian package puts it
-
-
 def load_fmnist(split: str = "train", folder: str = FMNIST_DIR):
     """``(images uint8 [N, 28, 28], labels int64 [N])`` numpy arrays of the official ``train``
     (60k) or ``test`` (10k) split, from the Debian package's files."""
     prefix = {"train": "train", "test": "t10k"}[split]
-    img_path = os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz")
-    lbl_path = os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz")
+    img_path, lbl_path = (os.path.join(folder, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1"))
     for path in (img_path, lbl_path):
         if not os.path.isfile(path):
             raise DataError(f"{path}: missing; install Fashion-MNIST with 'apt-get install -y "
@@ -180,12 +168,8 @@ def fmnist_to_float(images_u8, size: int, in_chans: int = 3) -> torch.Tensor:
 class FashionMNISTDataset(torch.utils.data.Dataset):
     def __init__(self, folder, crop_size, crop_scale=(0.3, 1.0), in_chans=3, split="train", max_images=None):
         images, labels = load_fmnist(split, folder)
-        if max_images:
-            images, labels = images[:max_images], labels[:max_images]
-        labels = torch.from_numpy(labels)
-        base = 32 if crop_size <= 32 else crop_size
-        self.images = fmnist_to_float(images, base, 1)   # replicate channels after the crop
-        self.labels = labels
+        self.images = fmnist_to_float(images[:max_images or None], max(32, crop_size), 1)   # replicated after the crop
+        self.labels = torch.from_numpy(labels[:max_images or None])
         self.crop_size, self.crop_scale, self.in_chans = crop_size, tuple(crop_scale), in_chans
         self.epoch, self.seed = 0, 0
 
@@ -193,8 +177,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        g = _gen(self.seed, self.epoch, i)
-        img = random_resized_crop(self.images[i], self.crop_size, self.crop_scale, g)
+        img = random_resized_crop(self.images[i], self.crop_size, self.crop_scale, _gen(self.seed, self.epoch, i))
         img = normalize(img.expand(self.in_chans, -1, -1), self.in_chans)
         return img, int(self.labels[i]), ""
 
@@ -210,8 +193,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        g = _gen(self.seed, 7919, i)
-        return torch.randn(self.in_chans, self.crop_size, self.crop_size, generator=g), 0, ""
+        return torch.randn(self.in_chans, self.crop_size, self.crop_size, generator=_gen(self.seed, 7919, i)), 0, ""
 
 
 def build_dataset(cfg):
@@ -222,12 +204,22 @@ def build_dataset(cfg):
         return SyntheticDataset(d.max_images or d.synthetic_size, d.crop_size, d.in_chans)
     root = os.path.join(d.root_path, d.image_folder) if d.image_folder else d.root_path
     ds = ImageFolderDataset(root, d.crop_size, d.crop_scale, d.in_chans)
-    if d.max_images:
-        ds.samples = ds.samples[:d.max_images]
+    ds.samples = ds.samples[:d.max_images or None]
     return ds
 
 
 # ----------------------------------------------------------------- loader
+def distributed_indices(n: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's sample order for ``epoch``: exactly ``DistributedSampler(shuffle=True)``, which
+    both loaders follow (a permutation seeded with ``seed + epoch``, padded by repetition to equal
+    shards, rank-strided)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    total = math.ceil(n / world_size) * world_size
+    if total > n:
+        perm = np.concatenate([perm, np.resize(perm, total - n)])
+    return perm[rank:total:world_size]
+
+
 class TrainLoader:
     """Sharded, drop-last batches with DistributedSampler semantics and an exact resume point.
 
@@ -251,33 +243,25 @@ class TrainLoader:
         return self.per_rank // self.batch_size
 
     def indices(self, epoch: int) -> list[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self.dataset), generator=g).tolist()
-        perm += perm[: self.per_rank * self.world_size - len(perm)]   # pad to equal shards
-        return perm[self.rank::self.world_size]
+        return distributed_indices(len(self.dataset), epoch, self.seed, self.rank, self.world_size).tolist()
 
     def epoch_batches(self, epoch: int, start: int = 0):
         self.dataset.epoch, self.dataset.seed = epoch, self.seed
         idx = self.indices(epoch)[start * self.batch_size: len(self) * self.batch_size]
         sampler = torch.utils.data.BatchSampler(idx, self.batch_size, drop_last=True)
-        g = torch.Generator()
-        g.manual_seed(self.seed)   # DataLoader draws worker seeds from here, not the global RNG
         dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and self.device.type == "cuda", generator=g,
-            persistent_workers=False)
+            pin_memory=self.pin_memory and self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed))   # DataLoader's seeds: not the global RNG
         for images, labels, bad in dl:
-            for b in bad:
-                if b:
-                    self.bad_files.extend(b.split("\n"))
+            self.bad_files.extend(name for b in bad if b for name in b.split("\n"))
             yield to_device(images, self.device), labels
 
 
 # ----------------------------------------------------------------- prefetch
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on ``device`` without blocking the host: pinned, then copied asynchronously."""
-    if t.device == torch.device(device) or torch.device(device).type != "cuda" or t.is_cuda:
+    if t.is_cuda or torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -294,18 +278,13 @@ class BatchPrefetcher:
     """
 
     def __init__(self, loader, sampler, device, depth: int = 2, packed: bool = False):
-        import queue
-        import threading
         self.loader, self.sampler, self.device, self.depth = loader, sampler, device, depth
         self.packed = packed   # whole masks per sample, as a PackedLayout, instead of [B, K] tensors
-        self._queue_mod, self._threading = queue, threading
-        self._thread = None
-        self._gen = None
+        self._thread = self._gen = None
 
     def _produce(self, batches):
-        """One batch: images, masks (or the packed layout) on the device. Everything the host
-        builds goes through pinned memory with non-blocking copies, so the training thread never
-        waits for a transfer."""
+        """One batch: images, masks (or the packed layout) on the device. Everything the host builds goes
+        through pinned memory with non-blocking copies, so the training thread never waits for a transfer."""
         from engine.model import PackedLayout
         snap = (torch.get_rng_state(), self.sampler.state_dict())
         images, labels = next(batches)
@@ -322,38 +301,32 @@ class BatchPrefetcher:
         if self.depth <= 0:
             self._gen = (self._produce(batches) for _ in range(count))
             return
-        self._q = self._queue_mod.Queue(maxsize=self.depth)
-        self._stop = self._threading.Event()
+        self._q = queue.Queue(maxsize=self.depth)
+        self._stop = threading.Event()
 
         def run():
             try:
                 for _ in range(count):
                     item = self._produce(batches)
                     while not self._stop.is_set():
-                        try:
+                        with contextlib.suppress(queue.Full):
                             self._q.put(item, timeout=0.1)
                             break
-                        except self._queue_mod.Full:
-                            continue
                     if self._stop.is_set():
                         self._pending.append(item)   # produced, never served: rewound by stop()
                         return
             except BaseException as e:  # surfaces in get(), on the training thread
                 self._q.put(e)
 
-        self._thread = self._threading.Thread(target=run, name="ijepa-prefetch", daemon=True)
+        self._thread = threading.Thread(target=run, name="ijepa-prefetch", daemon=True)
         self._thread.start()
 
     def get(self):
         """(images, masks_enc, masks_pred) of the next batch."""
-        if self._thread is None:
-            _, images, me, mp = next(self._gen)
-            return images, me, mp
-        item = self._q.get()
+        item = next(self._gen) if self._thread is None else self._q.get()
         if isinstance(item, BaseException):
             raise item
-        _, images, me, mp = item
-        return images, me, mp
+        return item[1:]
 
     def stop(self):
         """Stop producing and rewind the RNG/sampler to the first unserved batch."""
@@ -362,12 +335,8 @@ class BatchPrefetcher:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        unserved = []
-        while not self._q.empty():
-            item = self._q.get_nowait()
-            if not isinstance(item, BaseException):
-                unserved.append(item)
-        unserved += self._pending
+        queued = [self._q.get_nowait() for _ in range(self._q.qsize())]
+        unserved = [item for item in queued if not isinstance(item, BaseException)] + self._pending
         if unserved:
             rng, sampler_state = unserved[0][0]
             torch.set_rng_state(rng)

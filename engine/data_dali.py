@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,15 +44,15 @@ import warnings
 import numpy as np
 import torch
 
-from engine.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS
+from engine.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, distributed_indices
 from engine.errors import DataError
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
-# PIL format names of the formats DALI's decoders read
-_DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}
+_DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}   # PIL's names of what DALI decodes
 _INDEX_VERSION = 1
 
 
@@ -60,7 +61,6 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-# ---------------------------------------------------------------------- crop boxes
 def rrc_boxes(widths, heights, rng: np.random.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
               attempts: int = 10):
     """torchvision ``RandomResizedCrop.get_params`` for a whole batch at once.
@@ -70,44 +70,24 @@ def rrc_boxes(widths, heights, rng: np.random.Generator, scale=(0.3, 1.0), ratio
     bounds); if none fits, a centre crop clamped to the ratio range. Returns int arrays
     ``(left, top, w, h)``.
     """
-    W = np.asarray(widths, dtype=np.int64)
-    H = np.asarray(heights, dtype=np.int64)
+    W, H = np.asarray(widths, dtype=np.int64), np.asarray(heights, dtype=np.int64)
     n = len(W)
-    area = (W * H).astype(np.float64)[:, None]
-    target = area * rng.uniform(scale[0], scale[1], size=(n, attempts))
+    target = (W * H).astype(np.float64)[:, None] * rng.uniform(scale[0], scale[1], size=(n, attempts))
     ar = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, attempts)))
     # np.round is half-to-even like Python's round() that torchvision uses
     cw = np.round(np.sqrt(target * ar)).astype(np.int64)
     ch = np.round(np.sqrt(target / ar)).astype(np.int64)
     fits = (cw > 0) & (ch > 0) & (cw <= W[:, None]) & (ch <= H[:, None])
-    first = np.argmax(fits, axis=1)
-    ok = fits[np.arange(n), first]
-    w = cw[np.arange(n), first]
-    h = ch[np.arange(n), first]
-    u_top, u_left = rng.random(n), rng.random(n)
-    top = np.minimum((u_top * (H - h + 1)).astype(np.int64), H - h)
-    left = np.minimum((u_left * (W - w + 1)).astype(np.int64), W - w)
+    first = (np.arange(n), np.argmax(fits, axis=1))   # each image's first fitting attempt
+    ok, w, h = fits[first], cw[first], ch[first]
+    top = np.minimum((rng.random(n) * (H - h + 1)).astype(np.int64), H - h)   # draws: top, then left
+    left = np.minimum((rng.random(n) * (W - w + 1)).astype(np.int64), W - w)
     if not ok.all():   # torchvision's fallback: whole image, clamped to the ratio range
-        in_ratio = W / H
-        fw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.round(H * ratio[1]), W))
-        fh = np.where(in_ratio < ratio[0], np.round(W / ratio[0]), H)
-        fw, fh = fw.astype(np.int64), fh.astype(np.int64)
+        fw = np.where(W / H > ratio[1], np.round(H * ratio[1]), W).astype(np.int64)
+        fh = np.where(W / H < ratio[0], np.round(W / ratio[0]), H).astype(np.int64)
         w, h = np.where(ok, w, fw), np.where(ok, h, fh)
-        top = np.where(ok, top, (H - fh) // 2)
-        left = np.where(ok, left, (W - fw) // 2)
+        top, left = np.where(ok, top, (H - fh) // 2), np.where(ok, left, (W - fw) // 2)
     return left, top, w, h
-
-
-def distributed_indices(n: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
-    """This rank's sample order for ``epoch``: exactly ``DistributedSampler(shuffle=True)``."""
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    perm = torch.randperm(n, generator=g).numpy()
-    per_rank = math.ceil(n / world_size)
-    total = per_rank * world_size
-    if total > n:   # pad by repeating the permutation, as DistributedSampler does
-        perm = np.concatenate([perm, np.resize(perm, total - n)])
-    return perm[rank:total:world_size]
 
 
 # ---------------------------------------------------------------------- file index
@@ -118,21 +98,18 @@ def probe_image(path: str, full: bool = False):
     or a PNG without IEND is truncated, and DALI's decoder fails on it. ``full`` also
     decodes the image with PIL (slow; catches corrupt data inside a complete stream).
     """
-    from PIL import Image
     try:
-        nbytes = os.path.getsize(path)
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(f) as im:
-                w, h = im.size
-                fmt = im.format
+                (w, h), fmt = im.size, im.format
                 if full:
                     im.load()
             if fmt not in _DALI_FORMATS:
                 return 0, 0, f"format {fmt} is not readable by DALI"
             marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
             if marker is not None:
-                f.seek(max(0, nbytes - 4096))
+                f.seek(max(0, os.path.getsize(path) - 4096))
                 if marker not in f.read():
                     return 0, 0, f"truncated {fmt} (no end marker)"
         if w < 1 or h < 1:
@@ -145,41 +122,30 @@ def probe_image(path: str, full: bool = False):
 def list_image_folder(root: str):
     """ImageFolder listing: sorted class folders, files sorted as torchvision walks them."""
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    paths, labels = [], []
-    for ci, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(ci)
-    return paths, labels, classes
+    samples = [(os.path.join(dirpath, f), ci) for ci, c in enumerate(classes)
+               for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True))
+               for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    return [p for p, _ in samples], [ci for _, ci in samples], classes
 
 
 def read_file_list(source):
     """A text file of ``path [label]`` lines (paths relative to the list's folder), or a
     sequence of paths or ``(path, label)`` pairs."""
     if isinstance(source, (str, os.PathLike)):
-        base = os.path.dirname(os.path.abspath(source))
+        base = os.path.dirname(os.path.abspath(source))   # join(base, p) keeps an absolute p as it is
         items = []
         with open(source) as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
+            for line in map(str.strip, f):
                 if not line or line.startswith("#"):
                     continue
                 parts = line.rsplit(maxsplit=1)
                 if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                    items.append((parts[0], int(parts[1])))
+                    items.append((os.path.join(base, parts[0]), int(parts[1])))
                 else:
-                    items.append((line, 0))
-        items = [(p if os.path.isabs(p) else os.path.join(base, p), lab) for p, lab in items]
+                    items.append((os.path.join(base, line), 0))
     else:
         items = [(x, 0) if isinstance(x, (str, os.PathLike)) else (x[0], int(x[1])) for x in source]
     return [os.fspath(p) for p, _ in items], [lab for _, lab in items]
-
-
-def _default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ijepa-engine", "dali-index")
 
 
 class FileIndex:
@@ -188,47 +154,42 @@ class FileIndex:
     def __init__(self, paths, key: str, validate: str = "header", cache_dir=None, threads: int = 1):
         self.paths = list(paths)
         n = len(self.paths)
-        self.width = np.zeros(n, np.int64)
-        self.height = np.zeros(n, np.int64)
+        self.width, self.height = np.zeros(n, np.int64), np.zeros(n, np.int64)
         self.bad: dict[int, str] = {}
-        self.probed = 0   # files actually opened this time (the rest came from the cache)
-        sig = np.zeros((n, 2), np.int64)
+        self._sig = sig = np.full((n, 2), -1, np.int64)   # (size, mtime_ns) per file; -1: cannot stat
         for i, p in enumerate(self.paths):
-            try:
+            with contextlib.suppress(OSError):
                 st = os.stat(p)
-                sig[i] = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                sig[i] = (-1, -1)
-        cache_file = None
+                sig[i] = st.st_size, st.st_mtime_ns
+        self._cache_file = None
         if cache_dir is not False:
             digest = hashlib.sha1(f"{_INDEX_VERSION}|{validate}|{key}".encode()).hexdigest()[:20]
-            cache_file = os.path.join(cache_dir or _default_cache_dir(), f"{digest}.npz")
-        cached = self._load(cache_file)
-        todo = []
+            if not cache_dir:
+                base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+                cache_dir = os.path.join(base, "ijepa-engine", "dali-index")
+            self._cache_file = os.path.join(cache_dir, f"{digest}.npz")
+        cached = self._load(self._cache_file)
+        found = {}   # index -> (width, height, why bad or None)
         for i, p in enumerate(self.paths):
             hit = cached.get(p)
             if hit is not None and hit[0] == sig[i, 0] and hit[1] == sig[i, 1] and sig[i, 0] >= 0:
-                self.width[i], self.height[i] = hit[2], hit[3]
-                if hit[4] is not None:
-                    self.bad[i] = hit[4]
-            else:
-                todo.append(i)
-        full = validate == "full"
+                found[i] = hit[2:]
+        todo = [i for i in range(n) if i not in found]
+        self.probed = len(todo)   # files actually opened this time (the rest came from the cache)
+        # threads overlap the file-system latency; header parsing itself is cheap
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as ex:
+            found.update(zip(todo, ex.map(lambda j: probe_image(self.paths[j], validate == "full"), todo)))
+        for i, (w, h, why) in found.items():
+            self.width[i], self.height[i] = w, h
+            if why is not None:
+                self.bad[i] = why
         if todo:
-            # threads overlap the file-system latency; header parsing itself is cheap
-            with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as ex:
-                for i, (w, h, why) in zip(todo, ex.map(lambda j: probe_image(self.paths[j], full), todo)):
-                    self.width[i], self.height[i] = w, h
-                    if why is not None:
-                        self.bad[i] = why
-            self.probed = len(todo)
-            self._save(cache_file, sig)
-        self._cache_file, self._sig = cache_file, sig
+            self._save()
 
     def record_bad(self, i: int, why: str) -> None:
         """A file that passed the scan but failed to decode: remember it for the next run."""
         self.bad[i] = why
-        self._save(self._cache_file, self._sig)
+        self._save()
 
     @staticmethod
     def _load(cache_file):
@@ -244,41 +205,37 @@ class FileIndex:
             log.warning("ignoring unreadable DALI file-index cache %s (%s)", cache_file, _first_line(e))
             return {}
 
-    def _save(self, cache_file, sig):
-        if not cache_file:
+    def _save(self):
+        if not self._cache_file:
             return
         try:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            tmp = f"{cache_file}.{os.getpid()}.tmp"
+            os.makedirs(os.path.dirname(self._cache_file), exist_ok=True)
+            tmp = f"{self._cache_file}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
                 np.savez(f, paths=np.frombuffer("\n".join(self.paths).encode(), np.uint8),
-                         sig=sig, wh=np.stack([self.width, self.height], 1),
+                         sig=self._sig, wh=np.stack([self.width, self.height], 1),
                          bad=np.frombuffer(json.dumps({str(k): v for k, v in self.bad.items()}).encode(),
                                            np.uint8))
-            os.replace(tmp, cache_file)   # atomic: ranks writing at once leave one whole file
+            os.replace(tmp, self._cache_file)   # atomic: ranks writing at once leave one whole file
         except OSError as e:
             log.warning("could not write the DALI file-index cache %s (%s); the next run re-scans",
-                        cache_file, _first_line(e))
+                        self._cache_file, _first_line(e))
 
 
 # ---------------------------------------------------------------------- pipeline
 @pipeline_def
 def _crop_pipeline(source, crop_size, decode_device, in_chans):
-    data, anchor, shape = fn.external_source(
-        source=source, num_outputs=3, batch=True, batch_info=True,
-        dtype=[types.UINT8, types.INT32, types.INT32])
+    data, anchor, shape = fn.external_source(source=source, num_outputs=3, batch=True, batch_info=True,
+                                             dtype=[types.UINT8, types.INT32, types.INT32])
     images = fn.decoders.image_slice(
         data, anchor, shape, device=decode_device, axis_names="WH",
         normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
         output_type=types.RGB if in_chans == 3 else types.GRAY)
     # linear + antialias = PIL's BILINEAR resize that torchvision uses on PIL images
-    images = fn.resize(images, size=[crop_size, crop_size], interp_type=types.INTERP_LINEAR,
-                       antialias=True)
-    if in_chans == 3:
-        mean, std = [m * 255 for m in IMAGENET_MEAN], [s * 255 for s in IMAGENET_STD]
-    else:
-        mean, std = [0.5 * 255], [0.5 * 255]
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+    images = fn.resize(images, size=[crop_size, crop_size], interp_type=types.INTERP_LINEAR, antialias=True)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
 
 @pipeline_def
@@ -287,16 +244,26 @@ def _probe_pipeline(source):
     return fn.decoders.image(data, device="cpu", output_type=types.RGB, adjust_orientation=False)
 
 
-def _dali_decodes(data: np.ndarray) -> bool:
-    pipe = _probe_pipeline(lambda: [data], batch_size=1, num_threads=1, device_id=None)
+def _decode_failure(path: str) -> str | None:
+    """Why ``path`` does not decode in full (with PIL, then on its own in DALI), or None."""
     try:
-        pipe.build()
-        pipe.run()
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        del pipe
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(f) as im:
+                im.load()
+    except Exception as e:
+        return f"{type(e).__name__}: {_first_line(e)}"
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+        pipe = _probe_pipeline(lambda: [data], batch_size=1, num_threads=1, device_id=None)
+        try:
+            pipe.build()
+            pipe.run()
+        except RuntimeError:
+            return "DALI cannot decode it"
+    except OSError as e:
+        return f"{type(e).__name__}: {_first_line(e)}"
+    return None
 
 
 BatchPlan = collections.namedtuple("BatchPlan", "epoch batch indices paths labels left top width height")
@@ -332,9 +299,7 @@ class DaliImageLoader:
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.drop_last, self.in_chans = drop_last, in_chans
 
-        if device is None:
-            device = "cuda" if decode_device == "mixed" else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(device if device is not None else ("cuda" if decode_device == "mixed" else "cpu"))
         if decode_device == "auto":
             decode_device = "mixed" if self.device.type == "cuda" and torch.cuda.is_available() else "cpu"
         self.decode_device = decode_device
@@ -343,14 +308,14 @@ class DaliImageLoader:
                             f"pass device='cuda' or use decode_device='cpu'")
 
         # ---- the file list
-        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        is_path = isinstance(source, (str, os.PathLike))
+        if is_path and os.path.isdir(source):
             root = os.fspath(source)
             paths, labels, self.classes = list_image_folder(root)
             if not paths:
                 raise DataError(f"no images under {root}; expected class folders with "
                                 f"{'/'.join(IMG_EXTENSIONS[:3])}... files")
-            key = os.path.abspath(root)
-        elif isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        elif is_path and not os.path.isfile(source):
             raise DataError(f"{source} is neither an image folder nor a file list; check data.root_path "
                             f"and data.image_folder")
         else:
@@ -358,26 +323,22 @@ class DaliImageLoader:
             self.classes = sorted(set(labels))
             if not paths:
                 raise DataError(f"the file list {source if isinstance(source, str) else ''} is empty")
-            key = (os.path.abspath(source) if isinstance(source, (str, os.PathLike))
-                   else hashlib.sha1("\n".join(paths).encode()).hexdigest())
-        if max_images:
-            paths, labels = paths[:max_images], labels[:max_images]
-        self.paths = paths
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.index = FileIndex(paths, key, validate, cache_dir, threads=self.num_threads)
+        key = os.path.abspath(source) if is_path else hashlib.sha1("\n".join(paths).encode()).hexdigest()
+        self.paths = paths[:max_images or None]
+        self.labels = np.asarray(labels[:max_images or None], dtype=np.int64)
+        self.index = FileIndex(self.paths, key, validate, cache_dir, threads=self.num_threads)
         self.bad_files: list[str] = []
-        self._bad = set()
-        self._replacement = None
+        self._bad, self._replacement = set(), None   # bad indices; index -> next readable index (lazily)
         for i, why in sorted(self.index.bad.items()):
             self._mark_bad(i, why)
-        if len(self._bad) == len(paths):
-            raise DataError(f"none of the {len(paths)} files is a readable image (first: {self.bad_files[0]}); "
+        n = len(self.paths)
+        if len(self._bad) == n:
+            raise DataError(f"none of the {n} files is a readable image (first: {self.bad_files[0]}); "
                             f"check the data folder")
         if self._bad:
             log.warning("%d of %d files are unreadable and will be replaced by the next readable file "
-                        "(loader.bad_files lists them)", len(self._bad), len(paths))
+                        "(loader.bad_files lists them)", len(self._bad), n)
 
-        n = len(paths)
         self.num_samples = math.ceil(n / world_size)   # per rank, after DistributedSampler padding
         if len(self) == 0:
             raise DataError(f"{n} images give no full batch of {batch_size} per rank (world size "
@@ -387,11 +348,8 @@ class DaliImageLoader:
         self._start = 0                   # first batch of the next __iter__ (set by load_state_dict)
         self._served = (0, 0)             # (epoch, next batch to hand out)
         self._order_cache = (None, None)  # (epoch, this rank's indices)
-        self._pipe = None
         self.last_plan = None                 # BatchPlan of the batch handed out last
         self._pending = collections.deque()   # plans fed to DALI, not yet returned
-        self._feed_pos = (0, 0)
-        self._stream_pos = None               # (epoch, batch) of the next pipeline output
         self._build(0, 0)   # fail now, not at the first batch, if DALI cannot run as asked
 
     # ------------------------------------------------------------------ bookkeeping
@@ -404,9 +362,8 @@ class DaliImageLoader:
         if i in self._bad:
             return
         self._bad.add(i)
-        msg = f"{self.paths[i]} ({why})"
-        self.bad_files.append(msg)
-        log.warning("unreadable image, replaced by the next readable one: %s", msg)
+        self.bad_files.append(f"{self.paths[i]} ({why})")
+        log.warning("unreadable image, replaced by the next readable one: %s", self.bad_files[-1])
         self._replacement = None   # recomputed lazily
 
     def _replace(self, idx: np.ndarray) -> np.ndarray:
@@ -416,8 +373,7 @@ class DaliImageLoader:
         if self._replacement is None:
             n = len(self.paths)
             good = np.setdiff1d(np.arange(n), np.fromiter(self._bad, np.int64))
-            pos = np.searchsorted(good, np.arange(n)) % len(good)
-            self._replacement = good[pos]
+            self._replacement = good[np.searchsorted(good, np.arange(n)) % len(good)]
         return self._replacement[idx]
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -428,10 +384,8 @@ class DaliImageLoader:
 
     def batch_plan(self, epoch: int, batch: int) -> BatchPlan:
         """Which files, labels and crop boxes make up ``batch`` of ``epoch`` on this rank."""
-        order = self._order(epoch)
-        idx = self._replace(order[batch * self.batch_size:(batch + 1) * self.batch_size])
-        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(
-            [self.seed, epoch, self.rank, batch, 0x1D1])))
+        idx = self._replace(self._order(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size])
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([self.seed, epoch, self.rank, batch, 0x1D1])))
         left, top, w, h = rrc_boxes(self.index.width[idx], self.index.height[idx], rng,
                                     self.crop_scale, self.crop_ratio)
         return BatchPlan(epoch, batch, idx, [self.paths[i] for i in idx], self.labels[idx], left, top, w, h)
@@ -443,18 +397,16 @@ class DaliImageLoader:
     # ------------------------------------------------------------------ DALI plumbing
     def _source(self, info):
         """Called by DALI, in order, once per batch it schedules: the next batch's bytes and boxes."""
-        while True:
+        while True:   # until every file of the plan reads (a bad file changes the plan)
             plan = self.batch_plan(*self._feed_pos)
-            data, missing = [], []
+            data = []
             for i, p in zip(plan.indices, plan.paths):
                 try:
                     data.append(np.fromfile(p, dtype=np.uint8))
                 except OSError as e:   # vanished or unreadable since the scan
-                    missing.append((int(i), f"{type(e).__name__}: {_first_line(e)}"))
-            if not missing:
+                    self._mark_bad(int(i), f"{type(e).__name__}: {_first_line(e)}")
+            if len(data) == len(plan.paths):
                 break
-            for i, why in missing:
-                self._mark_bad(i, why)
         self._pending.append(plan)
         self._feed_pos = self._advance(self._feed_pos)
         anchor = np.stack([plan.left, plan.top], 1).astype(np.int32)
@@ -462,9 +414,9 @@ class DaliImageLoader:
         return data, list(anchor), list(shape)
 
     def _build(self, epoch: int, batch: int):
-        self._close()
-        self._feed_pos = (epoch, batch)
-        self._stream_pos = (epoch, batch)
+        self.close()
+        self._feed_pos = (epoch, batch)     # of the next batch DALI asks for
+        self._stream_pos = (epoch, batch)   # of the next pipeline output
         device_id = None
         if self.decode_device == "mixed":
             device_id = self.device.index if self.device.index is not None else (
@@ -482,10 +434,6 @@ class DaliImageLoader:
             raise DataError(f"DALI could not build the pipeline ({_first_line(e)})") from e
         self._pipe = pipe
 
-    def _close(self):
-        self._pipe = None   # DALI joins its threads when the pipeline is released
-        self._pending.clear()
-
     def _to_torch(self, out):
         tl = out.as_tensor()
         if self.decode_device == "mixed":
@@ -499,7 +447,7 @@ class DaliImageLoader:
 
     def _next_batch(self):
         """The next batch of the stream; a failing batch is repaired and re-run."""
-        for _ in range(len(self.paths) + 1):   # each retry marks at least one more file bad
+        while True:   # each retry marks at least one more file bad; _repair raises when none is left
             try:
                 (out,) = self._pipe.run()
                 plan = self._pending.popleft()
@@ -508,40 +456,19 @@ class DaliImageLoader:
                 if not self._pending:
                     raise
                 self._repair(list(self._pending), e)
-        else:   # pragma: no cover - every file would have to be bad, which _repair reports first
-            raise DataError("DALI kept failing after every file was replaced")
         assert (plan.epoch, plan.batch) == self._stream_pos, "DALI returned batches out of order"
         self._stream_pos = self._advance(self._stream_pos)
         self.last_plan = plan
-        images = self._to_torch(out)
-        labels = torch.from_numpy(plan.labels.copy()).to(self.device, non_blocking=True)
-        return images, labels
+        return self._to_torch(out), torch.from_numpy(plan.labels.copy()).to(self.device, non_blocking=True)
 
     def _repair(self, plans, err):
         """DALI failed on one of the batches in flight: find the files to blame, mark them bad,
         rebuild the pipeline at the first of those batches."""
-        from PIL import Image
         found = 0
         first_plan = plans[0]
         for plan in plans:
-            for i, p in zip(plan.indices, plan.paths):
-                i = int(i)
-                if i in self._bad:
-                    continue
-                why = None
-                try:
-                    with open(p, "rb") as f, warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        with Image.open(f) as im:
-                            im.load()
-                except Exception as e:
-                    why = f"{type(e).__name__}: {_first_line(e)}"
-                if why is None:
-                    try:
-                        if not _dali_decodes(np.fromfile(p, dtype=np.uint8)):
-                            why = "DALI cannot decode it"
-                    except OSError as e:
-                        why = f"{type(e).__name__}: {_first_line(e)}"
+            for i, p in zip(map(int, plan.indices), plan.paths):
+                why = None if i in self._bad else _decode_failure(p)
                 if why is not None:
                     self._mark_bad(i, f"failed to decode: {why}")
                     self.index.record_bad(i, f"failed to decode: {why}")
@@ -573,8 +500,7 @@ class DaliImageLoader:
             yield item
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._start = 0
+        self.epoch, self._start = int(epoch), 0
 
     def __iter__(self):
         start, self._start = self._start, 0
@@ -596,7 +522,8 @@ class DaliImageLoader:
         self._served = (self.epoch, self._start)
 
     def close(self) -> None:
-        self._close()
+        self._pipe = None   # DALI joins its threads when the pipeline is released
+        self._pending.clear()
 
     @property
     def num_bad_files(self) -> int:
@@ -615,7 +542,6 @@ def build_dali_loader(cfg, rank: int = 0, world_size: int = 1, device=torch.devi
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} does not exist; set data.root_path/data.image_folder")
     threads = max(1, min(d.num_workers or 1, os.cpu_count() or 1))
-    return DaliImageLoader(root, d.crop_size, d.batch_size, rank=rank, world_size=world_size,
-                           seed=cfg.train.seed, num_threads=threads, decode_device="auto",
-                           crop_scale=d.crop_scale, drop_last=True, in_chans=d.in_chans,
-                           device=device, max_images=d.max_images)
+    return DaliImageLoader(root, d.crop_size, d.batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed,
+                           num_threads=threads, decode_device="auto", crop_scale=d.crop_scale, drop_last=True,
+                           in_chans=d.in_chans, device=device, max_images=d.max_images)

@@ -141,7 +141,7 @@ def dist_timeout_s() -> float:
     return v
 
 
-def init_distributed(cfg: IJEPAConfig) -> DistState:
+def init_distributed(cfg) -> DistState:
     """Set up the process group for torchrun / deepspeed / SLURM / a single process.
 
     CPU -> gloo, GPU -> nccl (one GPU per rank, ``cuda:LOCAL_RANK``). Every collective

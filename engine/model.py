@@ -455,39 +455,31 @@ class IJEPA(nn.Module):
         if ema is not None:
             self.ema_backend = ema
 
-    def _attention_parts(self):
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
-        return dtype, (("encoder", list(self.encoder.blocks) + list(self.target_encoder.blocks)),
-                       ("predictor", list(self.predictor.predictor_blocks)))
-
-    def resolve_attention(self) -> None:
-        """Turn ``kernels.attention: auto`` into the measured fastest backend for each part on this
-        device (``kernels.attention.choose_attention``; shape class: the full patch grid)."""
-        dtype, parts = self._attention_parts()
-        device = next(self.encoder.parameters()).device
-        self.attention_choice = {}
-        for part, blocks in parts:
-            attn = blocks[0].attn
-            d = attn.qkv.in_features // attn.num_heads
-            backend, why = katt.choose_attention(device, attn.backend, d, dtype, self.cfg.mask.packed,
-                                                 self.encoder.patch_embed.num_patches)
-            for blk in blocks:
-                blk.attn.backend = backend
-            self.attention_choice[part] = f"{backend} ({part}: head dim {d}, {str(dtype)[6:]}; {why})"
-
-    def attention_summary(self) -> str:
-        """Which attention backend each part runs, and the head dim, dtype and measurement behind it."""
+    def resolve_attention(self, measure: bool = True) -> str:
+        """Which attention backend each part runs, with the head dim and dtype that decide it. With
+        ``measure`` (on a GPU), ``kernels.attention: auto`` becomes the measured fastest backend for
+        the part's shape class (``kernels.attention.choose_attention``: the full patch grid)."""
         if getattr(self, "attention_choice", None):
-            return " / ".join(self.attention_choice.values())
-        dtype, parts = self._attention_parts()
-        device = next(self.encoder.parameters()).device
-        out = []
-        for part, blocks in parts:
+            return self.attention_choice
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        device, packed = next(self.encoder.parameters()).device, self.cfg.mask.packed
+        parts = []
+        for part, blocks in (("encoder", list(self.encoder.blocks) + list(self.target_encoder.blocks)),
+                             ("predictor", list(self.predictor.predictor_blocks))):
             attn = blocks[0].attn
             d = attn.qkv.in_features // attn.num_heads
-            b = katt.attention_backend(device, attn.backend, d, dtype, packed=self.cfg.mask.packed)
-            out.append(f"{b} ({part}: head dim {d}, {str(dtype)[6:]}{', packed' if self.cfg.mask.packed else ''})")
-        return " / ".join(out)
+            if measure:
+                backend, why = katt.choose_attention(device, attn.backend, d, dtype, packed,
+                                                     self.encoder.patch_embed.num_patches)
+                for blk in blocks:
+                    blk.attn.backend = backend
+            else:
+                backend, why = katt.attention_backend(device, attn.backend, d, dtype, packed), ""
+            parts.append(f"{backend} ({part}: head dim {d}, {str(dtype)[6:]}{', packed' if packed else ''}"
+                         f"{'; ' + why if why else ''})")
+        if measure:
+            self.attention_choice = " / ".join(parts)
+        return " / ".join(parts)
 
     def detach_target(self) -> nn.Module:
         """Unregister the target encoder (it stays reachable as ``self.target_encoder``), so a
@@ -632,5 +624,5 @@ def build_model(cfg, device: Optional[torch.device] = None) -> IJEPA:
         return model
     model = model.to(device)
     if torch.device(device).type == "cuda":
-        model.resolve_attention()
+        model.resolve_attention(measure=True)
     return model

@@ -115,7 +115,7 @@ def train(cfg: IJEPAConfig, resume: bool = False, zero_stage=None) -> dict:
         log.info("resumed from %s (%s, %d rank(s)) at step %d (epoch %d, batch %d)", path, snap.meta["strategy"],
                  snap.meta["world_size"], pos["step"], pos["epoch"] + 1, pos["batch_in_epoch"])
     log.info("%s, %d rank(s), device %s, precision %s, attention %s, %d steps/epoch, global batch %d",
-             strategy.name, world, device, cfg.precision, strategy.model.attention_summary(), ipe,
+             strategy.name, world, device, cfg.precision, strategy.model.resolve_attention(measure=False), ipe,
              cfg.data.batch_size * accum * world)
     if rank == 0:
         import yaml

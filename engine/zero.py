@@ -47,10 +47,9 @@ import torch
 import torch.nn as nn
 
 import kernels.ema as kema
-from engine.checkpoint import KINDS, SHARD_FORMAT, fragments_of, paths, prune_tags, rank_file, save_atomic, \
-    write_latest
+from engine.checkpoint import SHARD_FORMAT, fragments_of, paths, prune_tags, rank_file, save_atomic, write_latest
 from engine.config import IJEPAConfig
-from engine.distributed import _import_deepspeed, detect_launch_env, init_distributed
+from engine.distributed import detect_launch_env, init_distributed
 from engine.errors import ConfigError
 from engine.model import IJEPA, build_model, param_group_names
 from engine.strategy import Strategy, build_optimizer

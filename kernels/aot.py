@@ -40,7 +40,10 @@ import time
 import traceback
 from typing import Iterable, Optional
 
+from kernels.dispatch import triton_interpreting
+
 SPEC_MODULES = ("kernels.gather", "kernels.ema", "kernels.attention")
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Largest dynamic shared memory one block may opt into: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
@@ -59,10 +62,6 @@ _SASS_COUNTS = {
 
 class InterpreterActive(RuntimeError):
     """AOT compilation was asked for in a process where TRITON_INTERPRET=1."""
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def parse_arch(text: str) -> int:
@@ -84,29 +83,28 @@ def collect_specs(only: Optional[str] = None, modules: Iterable[str] = SPEC_MODU
         except ModuleNotFoundError:
             continue
         try:
-            module = importlib.import_module(mod_name)
-            mod_specs = module.aot_specs() if hasattr(module, "aot_specs") else []
+            mod_specs = getattr(importlib.import_module(mod_name), "aot_specs", list)()
         except Exception:
             errors.append(dict(name=f"{mod_name} (import/aot_specs)", module=mod_name, arch=None, ok=False,
                                error=traceback.format_exc(limit=3)))
             continue
-        for spec in mod_specs:
-            if only is None or only in spec["name"]:
-                specs.append((mod_name, spec))
+        specs += [(mod_name, spec) for spec in mod_specs if only is None or only in spec["name"]]
     return specs, errors
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=True)
+def _run_on_file(content: bytes | str, name: str, command) -> subprocess.CompletedProcess:
+    """Run ``command(path)`` on a temporary file ``name`` holding ``content``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        return subprocess.run(command(path), capture_output=True, text=True, check=True)
 
 
 def _cuobjdump_resources(cubin: bytes) -> dict:
     from triton import knobs
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = _run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path]).stdout
+    tool = knobs.nvidia.cuobjdump.path
+    out = _run_on_file(cubin, "k.cubin", lambda path: [tool, "--dump-resource-usage", path]).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
     if not m:
         raise RuntimeError(f"cannot parse cuobjdump resource usage:\n{out}")
@@ -116,12 +114,9 @@ def _cuobjdump_resources(cubin: bytes) -> dict:
 def _ptxas_spills(ptx: str, arch: int) -> tuple[int, int]:
     """Spill bytes as ptxas -v reports them, with the flags Triton itself passes."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        log = _run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                    f"--gpu-name={sm_arch_from_capability(arch)}", path, "-o", path + ".o"]).stderr
+    log = _run_on_file(ptx, "k.ptx", lambda path: [
+        get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        f"--gpu-name={sm_arch_from_capability(arch)}", path, "-o", path + ".o"]).stderr
     found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not found:
         raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
@@ -152,7 +147,7 @@ def _inspect(compiled, arch: int) -> dict:
 
 def compile_spec(spec: dict, arch: int) -> dict:
     """Compile one spec for sm_<arch> and return its resource row (see module docstring)."""
-    if _interpreting():
+    if triton_interpreting():
         raise InterpreterActive("kernels.aot cannot compile while TRITON_INTERPRET=1 (interpreted kernels "
                                 "have no compiler front end); run `python -m kernels.aot` or unset it")
     import triton
@@ -160,10 +155,8 @@ def compile_spec(spec: dict, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = spec["kernel"]
-    signature = dict(spec["signature"])
-    signature.update({name: "constexpr" for name in spec["constexprs"]})
-    missing = [a for a in fn.arg_names if a not in signature]
-    if missing:
+    signature = {**spec["signature"], **dict.fromkeys(spec["constexprs"], "constexpr")}
+    if missing := [a for a in fn.arg_names if a not in signature]:
         raise ValueError(f"spec {spec['name']!r}: signature lacks {missing}")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.get("div16", ())}
     num_warps, num_stages = spec.get("num_warps", 4), spec.get("num_stages", 2)
@@ -180,29 +173,25 @@ def compile_spec(spec: dict, arch: int) -> dict:
         row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000],
                    compile_s=round(time.perf_counter() - started, 2))
         return row
-    mma_count = facts["hmma"] if arch == 80 else facts["hgmma"]
     # Triton's launcher refuses a kernel whose dynamic shared memory exceeds the device's
     # opt-in limit; cuobjdump's static figure includes sm_90's 1 KB per-block system
     # reserve, which is outside that limit, so it is reported but not added.
-    shared = compiled.metadata.shared
-    row.update(facts)
-    row.update(shared_bytes=shared, mma_op=MMA_OPCODE[arch], mma_count=mma_count,
+    row.update(facts, shared_bytes=compiled.metadata.shared, mma_op=MMA_OPCODE[arch],
+               mma_count=facts[MMA_OPCODE[arch].lower()],
                global_scratch=getattr(compiled.metadata, "global_scratch_size", 0),
                compile_s=round(time.perf_counter() - started, 2))
-    row["ok_spills"] = (facts["spill_stores"] == 0 and facts["spill_loads"] == 0
-                        and facts["stl"] == 0 and facts["ldl"] == 0)
-    row["ok_shared"] = shared <= SHARED_LIMITS[arch]
-    row["ok_mma"] = mma_count > 0 if uses_mma else True
+    row.update(ok_spills=all(facts[k] == 0 for k in ("spill_stores", "spill_loads", "stl", "ldl")),
+               ok_shared=row["shared_bytes"] <= SHARED_LIMITS[arch], ok_mma=row["mma_count"] > 0 or not uses_mma)
     row["ok"] = row["ok_spills"] and row["ok_shared"] and row["ok_mma"]
     return row
 
 
-_FORKED_SPECS: list[tuple[str, dict]] = []
+_SPECS: list[tuple[str, dict]] = []     # report()'s specs, inherited by its forked workers
 
 
-def _compile_forked(job: tuple[int, int]) -> dict:
+def _compile_job(job: tuple[int, int]) -> dict:
     index, arch = job
-    module, spec = _FORKED_SPECS[index]
+    module, spec = _SPECS[index]
     return dict(compile_spec(spec, arch), module=module)
 
 
@@ -212,56 +201,45 @@ def report(archs: Iterable[int] = (80, 90), only: Optional[str] = None,
 
     ``jobs`` > 1 compiles in forked worker processes (specs hold @triton.jit functions,
     which do not pickle, so the workers inherit them); default: one per CPU core."""
-    if _interpreting():
+    if triton_interpreting():
         raise InterpreterActive("kernels.aot.report() needs a process without TRITON_INTERPRET=1; "
                                 "call kernels.aot.main(argv), which re-runs itself in a clean subprocess")
     specs, rows = collect_specs(only, modules)
     work = [(i, arch) for arch in archs for i in range(len(specs))]
     jobs = min(jobs or os.cpu_count() or 1, len(work))
-    if jobs <= 1:
-        return rows + [dict(compile_spec(specs[i][1], arch), module=specs[i][0]) for i, arch in work]
-    import multiprocessing
-    _FORKED_SPECS[:] = specs
+    _SPECS[:] = specs
     try:
+        if jobs <= 1:
+            return rows + [_compile_job(job) for job in work]
+        import multiprocessing
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            return rows + pool.map(_compile_forked, work, chunksize=1)
+            return rows + pool.map(_compile_job, work, chunksize=1)
     finally:
-        _FORKED_SPECS.clear()
+        _SPECS.clear()
+
+
+def _cell(row: dict, key: str) -> str:
+    if key == "ok":
+        return "ok" if row.get("ok") else "FAIL"
+    v = row.get(key, "")
+    if key == "mma_count" and row.get("uses_mma"):
+        v = f"{v} {row.get('mma_op', '')}"
+    return "" if v is None else str(v)
 
 
 def format_table(rows: list[dict]) -> str:
     cols = [("arch", "arch"), ("name", "kernel config"), ("registers", "regs"), ("spill_stores", "spill st"),
             ("spill_loads", "spill ld"), ("shared_bytes", "smem B"), ("mma_count", "mma"),
             ("ldg128", "ldg128"), ("stg128", "stg128"), ("atomics", "atom"), ("compile_s", "s"), ("ok", "ok")]
-    table = [[h for _, h in cols]]
-    for r in rows:
-        cells = []
-        for key, _ in cols:
-            v = r.get(key, "")
-            if key == "mma_count" and r.get("uses_mma"):
-                v = f"{v} {r.get('mma_op', '')}"
-            if key == "ok":
-                v = "ok" if r.get("ok") else "FAIL"
-            cells.append(str(v if v is not None else ""))
-        table.append(cells)
+    table = [[h for _, h in cols]] + [[_cell(r, key) for key, _ in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for r in rows:
-        if r.get("error"):
-            lines.append(f"\n{r['name']} [{r.get('arch')}]: {r['error']}")
+    lines += [f"\n{r['name']} [{r.get('arch')}]: {r['error']}" for r in rows if r.get("error")]
     bad = [r for r in rows if not r.get("ok")]
     lines.append(f"\n{len(rows) - len(bad)}/{len(rows)} ok"
                  + (f"; limits: smem {SHARED_LIMITS}, no spills, MMA where uses_mma" if bad else ""))
     return "\n".join(lines)
-
-
-def _rerun_without_interpreter(argv: list[str]) -> int:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return subprocess.call([sys.executable, "-m", "kernels.aot", *argv], env=env)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -278,15 +256,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write the rows as JSON to OUT (or stdout) instead of the table")
     args = parser.parse_args(argv)
-    if _interpreting():
-        return _rerun_without_interpreter(argv)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(package_root, ".cache", "triton"))
+    if triton_interpreting():            # re-run in a subprocess without the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        return subprocess.call([sys.executable, "-m", "kernels.aot", *argv], env=env)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_PACKAGE_ROOT, ".cache", "triton"))
     rows = report(archs=tuple(args.arch or (80, 90)), only=args.only,
                   modules=tuple(SPEC_MODULES) + tuple(args.module), jobs=args.jobs)
-    if args.json is None:
-        print(format_table(rows))
-    else:
+    if args.json is not None:
         import triton
         payload = json.dumps(dict(triton=triton.__version__, rows=rows), indent=1, default=str)
         if args.json == "-":
@@ -294,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             with open(args.json, "w") as f:
                 f.write(payload)
-            print(format_table(rows))
+    if args.json != "-":
+        print(format_table(rows))
     return 0 if rows and all(r.get("ok") for r in rows) else 1
 
 

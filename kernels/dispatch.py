@@ -36,8 +36,6 @@ def triton_installed() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
-    if importlib.util.find_spec("xformers") is None:
-        return False
     try:
         import xformers.ops  # noqa: F401  (prints a warning when its C++ part cannot load)
     except Exception:
@@ -52,9 +50,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if not triton_installed():
             return "triton is not installed (pip install triton==3.8.0)"
-        if device.type == "cuda":
-            return None
-        if triton_interpreting():
+        if device.type == "cuda" or triton_interpreting():
             return None
         return (f"triton kernels need a CUDA device (got {device.type}); "
                 "use backend 'torch'/'auto', or set TRITON_INTERPRET=1 to run them in the interpreter")
@@ -62,9 +58,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return (f"xformers memory_efficient_attention has no {device.type} kernel; "
                     "use backend 'sdpa' or 'auto'")
-        if not xformers_available():
-            return "xformers is not importable (pip install xformers==0.0.35)"
-        return None
+        return None if xformers_available() else "xformers is not importable (pip install xformers==0.0.35)"
     return f"unknown backend {backend!r}"
 
 
@@ -76,18 +70,16 @@ def select(op: str, requested: str, device: torch.device, preference: tuple[str,
     ``allowed``: every backend name this op implements.
     """
     if requested == "auto":
-        env = os.environ.get(f"IJEPA_{op.upper()}_BACKEND", "").strip()
-        if env and env != "auto":
-            requested = env
-        else:
-            for cand in preference:
-                if why_unavailable(cand, device) is None and (cand != "triton" or device.type == "cuda"):
-                    return cand
-            return preference[-1]
+        requested = os.environ.get(f"IJEPA_{op.upper()}_BACKEND", "").strip() or "auto"
+    if requested == "auto":
+        # Triton on a CPU tensor means the interpreter: run only when asked for, never picked.
+        for cand in preference:
+            if why_unavailable(cand, device) is None and (cand != "triton" or device.type == "cuda"):
+                return cand
+        return preference[-1]
     if requested not in allowed:
         raise BackendUnavailable(
             f"{op}: unknown backend {requested!r}; choose one of {', '.join(('auto',) + allowed)}")
-    reason = why_unavailable(requested, device)
-    if reason is not None:
+    if (reason := why_unavailable(requested, device)) is not None:
         raise BackendUnavailable(f"{op}: backend {requested!r} cannot run here: {reason}")
     return requested

@@ -139,14 +139,13 @@ def ema_foreach_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor
                  targets_lowp: Optional[Sequence[torch.Tensor]] = None) -> None:
     """One ``_foreach_lerp_`` pass (timm's ModelEmaV3 formulation); sources of another dtype
     are upcast first (a temporary), a device momentum stays on the device."""
-    targets, sources = list(targets), list(sources)
+    targets = list(targets)
     with torch.no_grad():
         sources = [s if s.dtype == t.dtype else s.to(t.dtype) for t, s in zip(targets, sources)]
+        weight = 1.0 - momentum
         if isinstance(momentum, torch.Tensor):
-            weight = (1 - momentum).to(targets[0].dtype) if targets else None
-            torch._foreach_lerp_(targets, sources, [weight] * len(targets))
-        else:
-            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+            weight = [weight.to(targets[0].dtype)] * len(targets) if targets else []
+        torch._foreach_lerp_(targets, sources, weight)
         if targets_lowp is not None:
             torch._foreach_copy_(list(targets_lowp), targets)
 
@@ -155,28 +154,27 @@ def ema_foreach_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor
 # Host side
 # ---------------------------------------------------------------------------------------
 
-def _check_pairs(targets, sources, targets_lowp, fp32_targets: bool) -> None:
+def _check_pairs(targets, sources, targets_lowp) -> None:
     if len(targets) != len(sources):
         raise ValueError(f"fused_ema_: {len(targets)} targets but {len(sources)} sources")
     if targets_lowp is not None and len(targets_lowp) != len(targets):
         raise ValueError(f"fused_ema_: {len(targets)} targets but {len(targets_lowp)} low-precision copies")
-    for i, (t, s) in enumerate(zip(targets, sources)):
+    lowps = targets_lowp if targets_lowp is not None else [None] * len(targets)
+    for i, (t, s, lp) in enumerate(zip(targets, sources, lowps)):
         if t.shape != s.shape:
             raise ValueError(f"fused_ema_: pair {i}: target {tuple(t.shape)} vs source {tuple(s.shape)}")
-        if fp32_targets and t.dtype != torch.float32:
+        if t.dtype != torch.float32:
             raise TypeError(f"fused_ema_: pair {i}: targets must be fp32 master values, got {t.dtype} "
                             "(keep an fp32 copy and pass the bf16 weights as targets_lowp)")
         if not s.is_floating_point():
             raise TypeError(f"fused_ema_: pair {i}: source dtype {s.dtype} is not floating point")
         if t.device != s.device:
             raise ValueError(f"fused_ema_: pair {i}: target on {t.device}, source on {s.device}")
-        if targets_lowp is not None:
-            lp = targets_lowp[i]
-            if lp.shape != t.shape or lp.device != t.device:
-                raise ValueError(f"fused_ema_: pair {i}: low-precision copy {tuple(lp.shape)} on {lp.device} "
-                                 f"does not match target {tuple(t.shape)} on {t.device}")
-            if lp.dtype not in LOWP_DTYPES:
-                raise TypeError(f"fused_ema_: pair {i}: low-precision copy must be bf16 or fp16, got {lp.dtype}")
+        if lp is not None and (lp.shape != t.shape or lp.device != t.device):
+            raise ValueError(f"fused_ema_: pair {i}: low-precision copy {tuple(lp.shape)} on {lp.device} "
+                             f"does not match target {tuple(t.shape)} on {t.device}")
+        if lp is not None and lp.dtype not in LOWP_DTYPES:
+            raise TypeError(f"fused_ema_: pair {i}: low-precision copy must be bf16 or fp16, got {lp.dtype}")
 
 
 def _check_momentum(momentum: Momentum, device: torch.device) -> None:
@@ -203,7 +201,7 @@ class MultiTensorEMA:
                  targets_lowp: Optional[Sequence[torch.Tensor]] = None, tile: Optional[EMATile] = None):
         self.targets, self.sources = list(targets), list(sources)
         self.targets_lowp = list(targets_lowp) if targets_lowp is not None else None
-        _check_pairs(self.targets, self.sources, self.targets_lowp, fp32_targets=True)
+        _check_pairs(self.targets, self.sources, self.targets_lowp)
         for kind, group in (("target", self.targets), ("source", self.sources),
                             ("low-precision copy", self.targets_lowp or [])):
             for i, t in enumerate(group):
@@ -216,30 +214,23 @@ class MultiTensorEMA:
 
     def _build_launches(self) -> list[dict]:
         """One launch per (source dtype, low-precision dtype, alignment) group."""
-        groups: dict[tuple, list[int]] = {}
-        for i, (t, s) in enumerate(zip(self.targets, self.sources)):
-            if t.numel() == 0:
-                continue
-            lp = self.targets_lowp[i] if self.targets_lowp is not None else None
-            aligned = all(p.data_ptr() % 16 == 0 for p in (t, s, lp) if p is not None)
-            groups.setdefault((s.dtype, lp.dtype if lp is not None else None, aligned), []).append(i)
+        groups: dict[tuple, list[tuple]] = {}
+        for t, s, lp in zip(self.targets, self.sources, self.targets_lowp or [None] * len(self.targets)):
+            if t.numel():
+                aligned = all(p.data_ptr() % 16 == 0 for p in (t, s, lp) if p is not None)
+                groups.setdefault((s.dtype, lp.dtype if lp is not None else None, aligned), []).append((t, s, lp))
         launches = []
         for (src_dtype, lowp_dtype, aligned), members in groups.items():
-            t_list = [self.targets[i] for i in members]
-            ptrs = torch.tensor(
-                [[t.data_ptr() for t in t_list],
-                 [self.sources[i].data_ptr() for i in members],
-                 [self.targets_lowp[i].data_ptr() if lowp_dtype is not None else 0 for i in members],
-                 [t.numel() for t in t_list]], dtype=torch.int64)
+            # Rows: target, source and low-precision pointers (0: none), element counts.
+            ptrs = torch.tensor([[t.data_ptr(), s.data_ptr(), lp.data_ptr() if lp is not None else 0, t.numel()]
+                                 for t, s, lp in members], dtype=torch.int64).T.contiguous()
             n_chunks = (ptrs[3] + self.tile.chunk - 1) // self.tile.chunk
             tensor_of_chunk = torch.repeat_interleave(torch.arange(len(members)), n_chunks)
             first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
             chunk_in_tensor = torch.arange(len(tensor_of_chunk)) - first_chunk[tensor_of_chunk]
             chunks = torch.stack([tensor_of_chunk, chunk_in_tensor], 1).to(torch.int32)
-            ptrs = ptrs.to(self.device)
-            launches.append(dict(ptrs=ptrs, chunks=chunks.contiguous().to(self.device), n_chunks=len(chunks),
-                                 SRC_DTYPE=_TL_DTYPE[src_dtype],
-                                 LOWP_DTYPE=_TL_DTYPE[lowp_dtype or torch.bfloat16],
+            launches.append(dict(ptrs=ptrs.to(self.device), chunks=chunks.to(self.device), n_chunks=len(chunks),
+                                 SRC_DTYPE=_TL_DTYPE[src_dtype], LOWP_DTYPE=_TL_DTYPE[lowp_dtype or torch.bfloat16],
                                  HAS_LOWP=lowp_dtype is not None, ALIGNED=aligned))
         return launches
 
@@ -248,14 +239,12 @@ class MultiTensorEMA:
         _check_momentum(momentum, self.device)
         on_device = isinstance(momentum, torch.Tensor)
         for launch in self.launches:
-            ptrs = launch["ptrs"]
             _ema_multi_tensor_kernel[(launch["n_chunks"],)](
-                ptrs[0], ptrs[1], ptrs[2], ptrs[3], launch["chunks"],
+                *launch["ptrs"], launch["chunks"],
                 0.0 if on_device else 1.0 - float(momentum),
-                momentum if on_device else ptrs,     # placeholder pointer, never read
-                SRC_DTYPE=launch["SRC_DTYPE"], LOWP_DTYPE=launch["LOWP_DTYPE"], HAS_LOWP=launch["HAS_LOWP"],
-                MOMENTUM_ON_DEVICE=on_device, ALIGNED=launch["ALIGNED"],
-                BLOCK=self.tile.block, BLOCKS_PER_CHUNK=self.tile.blocks_per_chunk,
+                momentum if on_device else launch["ptrs"],      # placeholder pointer, never read
+                **{k: launch[k] for k in ("SRC_DTYPE", "LOWP_DTYPE", "HAS_LOWP", "ALIGNED")},
+                MOMENTUM_ON_DEVICE=on_device, BLOCK=self.tile.block, BLOCKS_PER_CHUNK=self.tile.blocks_per_chunk,
                 num_warps=self.tile.num_warps)
 
 
@@ -294,10 +283,9 @@ def fused_ema_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
     targets, sources = list(targets), list(sources)
     if not targets:
         return
-    device = targets[0].device
-    chosen = select("ema", backend, device, preference=("triton", "torch"), allowed=BACKENDS)
-    _check_pairs(targets, sources, targets_lowp, fp32_targets=True)
-    _check_momentum(momentum, device)
+    chosen = select("ema", backend, targets[0].device, preference=("triton", "torch"), allowed=BACKENDS)
+    _check_pairs(targets, sources, targets_lowp)
+    _check_momentum(momentum, targets[0].device)
     if chosen == "naive":
         ema_ref_(targets, sources, momentum, targets_lowp)
     elif chosen == "torch":
@@ -311,29 +299,22 @@ def fused_ema_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
 # with and without a bf16 working copy; schedule on the device or a Python float)
 # ---------------------------------------------------------------------------------------
 
-_ENGINE_GROUPS = (
-    # (source, low-precision copy, momentum on device: a float64 schedule tensor)
-    (torch.float32, torch.bfloat16, True),
-    (torch.float32, None, True),
-    (torch.bfloat16, torch.bfloat16, True),
-    (torch.float32, None, False),
-)
-_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}
+# (source, low-precision copy, momentum on device: a float64 schedule tensor)
+_ENGINE_GROUPS = ((torch.float32, torch.bfloat16, True), (torch.float32, None, True),
+                  (torch.bfloat16, torch.bfloat16, True), (torch.float32, None, False))
 
 
 def aot_specs() -> list[dict]:
     tile = ema_tile()
-    specs = []
-    for src, lowp, on_device in _ENGINE_GROUPS:
-        specs.append(dict(
-            name=f"ema fp32<-{_NAME[src]} lowp={_NAME[lowp]} m={'device fp64' if on_device else 'host'} "
-                 f"{tile.block}x{tile.blocks_per_chunk}",
-            kernel=_ema_multi_tensor_kernel,
-            signature={"target_ptrs": "*i64", "source_ptrs": "*i64", "lowp_ptrs": "*i64", "numels": "*i64",
-                       "chunks": "*i32", "weight": "fp32", "momentum_ptr": "*fp64" if on_device else "*i64"},
-            constexprs={"SRC_DTYPE": _TL_DTYPE[src], "LOWP_DTYPE": _TL_DTYPE[lowp or torch.bfloat16],
-                        "HAS_LOWP": lowp is not None, "MOMENTUM_ON_DEVICE": on_device, "ALIGNED": True,
-                        "BLOCK": tile.block, "BLOCKS_PER_CHUNK": tile.blocks_per_chunk},
-            num_warps=tile.num_warps, num_stages=2,
-            div16=["target_ptrs", "source_ptrs", "lowp_ptrs", "numels", "chunks", "momentum_ptr"]))
-    return specs
+    return [dict(
+        name=f"ema fp32<-{_TL_DTYPE[src]} lowp={_TL_DTYPE[lowp] if lowp is not None else 'none'} "
+             f"m={'device fp64' if on_device else 'host'} {tile.block}x{tile.blocks_per_chunk}",
+        kernel=_ema_multi_tensor_kernel,
+        signature={"target_ptrs": "*i64", "source_ptrs": "*i64", "lowp_ptrs": "*i64", "numels": "*i64",
+                   "chunks": "*i32", "weight": "fp32", "momentum_ptr": "*fp64" if on_device else "*i64"},
+        constexprs={"SRC_DTYPE": _TL_DTYPE[src], "LOWP_DTYPE": _TL_DTYPE[lowp or torch.bfloat16],
+                    "HAS_LOWP": lowp is not None, "MOMENTUM_ON_DEVICE": on_device, "ALIGNED": True,
+                    "BLOCK": tile.block, "BLOCKS_PER_CHUNK": tile.blocks_per_chunk},
+        num_warps=tile.num_warps, num_stages=2,
+        div16=["target_ptrs", "source_ptrs", "lowp_ptrs", "numels", "chunks", "momentum_ptr"],
+    ) for src, lowp, on_device in _ENGINE_GROUPS]

@@ -41,10 +41,8 @@ import triton.language as tl
 
 from kernels.dispatch import select
 
-__all__ = [
-    "gather_tokens", "gather_layernorm", "gather_tokens_ref", "gather_layernorm_ref",
-    "ENGINE_WIDTHS", "gather_tile", "layernorm_tile", "scatter_tile", "aot_specs",
-]
+__all__ = ["gather_tokens", "gather_layernorm", "gather_tokens_ref", "gather_layernorm_ref",
+           "ENGINE_WIDTHS", "gather_tile", "layernorm_tile", "scatter_tile", "aot_specs"]
 
 BACKENDS = ("triton", "torch")
 MasksLike = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -65,23 +63,18 @@ class Tile:
     num_warps: int
 
 
-def _largest_dividing_block(D: int, widest: int, narrowest: int) -> int:
-    """Largest power-of-two block in [narrowest, widest] that divides D (else narrowest),
-    so the inner loop over D has no half-masked last step at the engine widths."""
-    block = widest
-    while block > narrowest and D % block:
-        block //= 2
-    return block
-
-
 def gather_tile(D: int, elem_bytes: int) -> Tile:
     # 256-byte row pieces (16 lanes x 16-byte vectors per row) and 32 rows per program: each
     # thread keeps four 16-byte loads in flight per step. Wider tiles cost registers fast
     # (kernels.aot, fp32 on sm_80: 32x64 48 regs, 32x128 94, 64x128 156), and for a
     # memory-bound copy resident programs hide DRAM latency better than per-thread work.
     # Chosen from the compile report, not tuned on a GPU.
-    widest = 256 // elem_bytes
-    return Tile(32, _largest_dividing_block(D, widest, min(64, widest)), 4)
+    # BLOCK_D is halved (not below 64 elements) until it divides D, so the inner loop over D
+    # has no half-masked last step at the engine widths.
+    widest = block_d = 256 // elem_bytes
+    while block_d > min(64, widest) and D % block_d:
+        block_d //= 2
+    return Tile(32, block_d, 4)
 
 
 def layernorm_tile(D: int) -> Tile:
@@ -96,6 +89,18 @@ def scatter_tile(D: int, elem_bytes: int) -> Tile:
     # The deterministic backward walks BLOCK_N destination rows per program with the
     # forward's tile shape (the reads are the same gathered rows, in the other direction).
     return gather_tile(D, elem_bytes)
+
+
+def _out_dtype(x_dtype: Optional[torch.dtype], pos_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of ``x + pos`` under torch's type promotion (None: that input is absent)."""
+    if x_dtype is None:
+        return pos_dtype
+    return x_dtype if pos_dtype is None else torch.promote_types(x_dtype, pos_dtype)
+
+
+def _forward_tile(D: int, x_dtype: Optional[torch.dtype], pos_dtype: Optional[torch.dtype]) -> Tile:
+    dtypes = [dt for dt in (x_dtype, pos_dtype) if dt is not None] + [_out_dtype(x_dtype, pos_dtype)]
+    return gather_tile(D, max(dt.itemsize for dt in dtypes))
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,21 +241,15 @@ def _scatter_rows_atomic_kernel(
 # PyTorch references (the I-JEPA formulation; also the CPU backend)
 # ---------------------------------------------------------------------------------------
 
-def _mask_list(masks: MasksLike) -> list[torch.Tensor]:
-    if isinstance(masks, torch.Tensor):
-        return [masks] if masks.dim() == 2 else list(masks.unbind(0))
-    return list(masks)
-
-
 def gather_tokens_ref(x: Optional[torch.Tensor], masks: MasksLike,
                       pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-    masks = _mask_list(masks)
-    B = masks[0].shape[0]
+    if isinstance(masks, torch.Tensor) and masks.dim() == 2:
+        masks = [masks]
+    masks = list(masks)                         # [B, K] masks (an [M, B, K] tensor unbinds on dim 0)
+    src = x
     if pos is not None:
         pos = pos.reshape(1, *pos.shape[-2:])
-        src = pos.repeat(B, 1, 1) if x is None else x + pos
-    else:
-        src = x
+        src = pos.repeat(masks[0].shape[0], 1, 1) if x is None else x + pos
     D = src.shape[-1]
     return torch.cat([torch.gather(src, 1, m.unsqueeze(-1).repeat(1, 1, D)) for m in masks], dim=0)
 
@@ -262,7 +261,8 @@ def gather_layernorm_ref(h: torch.Tensor, masks: MasksLike, eps: float = 1e-5) -
 
 
 # ---------------------------------------------------------------------------------------
-# Host-side launchers (plain functions; the custom ops below wrap them)
+# Host side. The launchers are torch.library custom ops (torch.ops.ijepa.*): opaque to
+# torch.compile, with fake and autograd rules.
 # ---------------------------------------------------------------------------------------
 
 def _new_output(shape, dtype, device) -> torch.Tensor:
@@ -293,52 +293,80 @@ def _stack_masks(masks: MasksLike, batch: Optional[int], device: torch.device) -
     return idx.to(torch.int64).contiguous()
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
+def _row_major(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     # Kernels index the last dim with unit stride; other strides are passed through.
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _out_dtype(x: Optional[torch.Tensor], pos: Optional[torch.Tensor]) -> torch.dtype:
-    if x is None:
-        return pos.dtype
-    return x.dtype if pos is None else torch.result_type(x, pos)
+def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.dtype], ...]:
+    return tuple(t.dtype if t is not None else None for t in tensors)
 
 
-def _launch_gather(x: Optional[torch.Tensor], pos: Optional[torch.Tensor], idx: torch.Tensor,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+@torch.library.custom_op("ijepa::gather_tokens", mutates_args=())
+def _gather_tokens_op(x: Optional[torch.Tensor], pos: Optional[torch.Tensor], idx: torch.Tensor,
+                      deterministic: bool) -> torch.Tensor:
+    # `deterministic` only matters to the backward; it rides along so the autograd rule sees it.
     M, B, K = idx.shape
     ref = x if x is not None else pos
-    N, D = ref.shape[-2], ref.shape[-1]
-    dtype = _out_dtype(x, pos)
-    if out is None:
-        out = _new_output((M * B, K, D), dtype, ref.device)
+    N, D = ref.shape[-2:]
+    dtypes = _dtypes(x, pos)
+    out = _new_output((M * B, K, D), _out_dtype(*dtypes), ref.device)
     if out.numel() == 0:
         return out
-    widest = max(t.element_size() for t in (x, pos, out) if t is not None)
-    tile = gather_tile(D, widest)
-    x_arg = x if x is not None else out          # placeholder pointer, never read
-    pos_arg = pos if pos is not None else out
-    grid = (triton.cdiv(K, tile.block_k), M * B)
-    _gather_rows_kernel[grid](
-        x_arg, pos_arg, idx, out, B, K, N, D,
-        x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0,
-        pos.stride(0) if pos is not None else 0,
+    tile = _forward_tile(D, *dtypes)
+    stride_xb, stride_xn = x.stride()[:2] if x is not None else (0, 0)
+    _gather_rows_kernel[(triton.cdiv(K, tile.block_k), M * B)](
+        x if x is not None else out, pos if pos is not None else out,    # placeholder pointers, never read
+        idx, out, B, K, N, D, stride_xb, stride_xn, pos.stride(0) if pos is not None else 0,
         HAS_X=x is not None, HAS_POS=pos is not None,
         BLOCK_K=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
     return out
 
 
-def _launch_layernorm(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
+@_gather_tokens_op.register_fake
+def _(x, pos, idx, deterministic):
+    ref = x if x is not None else pos
     M, B, K = idx.shape
-    N, D = h.shape[1], h.shape[2]
+    return ref.new_empty((M * B, K, ref.shape[-1]), dtype=_out_dtype(*_dtypes(x, pos)))
+
+
+def _gather_setup_context(ctx, inputs, output):
+    x, pos, idx, ctx.deterministic = inputs
+    ctx.save_for_backward(idx)
+    ctx.num_tokens = (x if x is not None else pos).shape[-2]
+    ctx.dtypes = _dtypes(x, pos)
+
+
+def _gather_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    grads = [None] * 4                  # x: [B, N, D]; pos: [N, D], summed over the batch
+    for i in (0, 1):
+        if ctx.needs_input_grad[i]:
+            grads[i] = _scatter_token_grads_op(grad, idx, ctx.num_tokens, ctx.dtypes[i], ctx.deterministic, i == 1)
+    return tuple(grads)
+
+
+torch.library.register_autograd("ijepa::gather_tokens", _gather_backward, setup_context=_gather_setup_context)
+
+
+@torch.library.custom_op("ijepa::gather_layernorm", mutates_args=())
+def _gather_layernorm_op(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
+    M, B, K = idx.shape
+    N, D = h.shape[1:]
     out = _new_output((M * B, K, D), h.dtype, h.device)
     if out.numel() == 0:
         return out
     tile = layernorm_tile(D)
-    grid = (triton.cdiv(K, tile.block_k), M * B)
-    _gather_layernorm_kernel[grid](h, idx, out, B, K, N, D, h.stride(0), h.stride(1), eps,
-                                   BLOCK_K=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
+    _gather_layernorm_kernel[(triton.cdiv(K, tile.block_k), M * B)](
+        h, idx, out, B, K, N, D, h.stride(0), h.stride(1), eps,
+        BLOCK_K=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
     return out
+
+
+@_gather_layernorm_op.register_fake
+def _(h, idx, eps):
+    M, B, K = idx.shape
+    return h.new_empty((M * B, K, h.shape[-1]))
 
 
 def _sorted_segments(idx: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,66 +377,39 @@ def _sorted_segments(idx: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, 
     M, B, K = idx.shape
     if M * B * K >= 2 ** 31:
         raise ValueError(f"gather backward: {M}x{B}x{K} gathered rows overflow the int32 row table")
-    per_batch = idx.permute(1, 0, 2).reshape(B, M * K)
-    tokens, order = torch.sort(per_batch, dim=1, stable=True)
+    tokens, order = torch.sort(idx.permute(1, 0, 2).reshape(B, M * K), dim=1, stable=True)
     grad_rows = torch.arange(M * B * K, device=idx.device, dtype=torch.int32).reshape(M, B, K)
     src = torch.gather(grad_rows.permute(1, 0, 2).reshape(B, M * K), 1, order)
     bounds = torch.arange(num_tokens + 1, device=idx.device).expand(B, num_tokens + 1).contiguous()
     return src.contiguous(), torch.searchsorted(tokens, bounds, out_int32=True)
 
 
-def _scatter_rows(grad: torch.Tensor, idx: torch.Tensor, num_tokens: int, out_dtype: torch.dtype,
-                  deterministic: bool, fold_batch: bool) -> torch.Tensor:
-    """Adjoint of the gather: [B, N, D] (or [N, D] summed over the batch when fold_batch)."""
-    grad = grad.contiguous()
-    M, B, K = idx.shape
-    N, D = num_tokens, grad.shape[-1]
-    if fold_batch:                               # row i*B + b becomes mask i*B + b of batch 0
-        idx = idx.reshape(M * B, 1, K)
-    Mf, Bf, _ = idx.shape
-    if deterministic:
-        out = _new_output((Bf, N, D), out_dtype, grad.device)
-        if out.numel() == 0:
-            return out[0] if fold_batch else out
-        src, seg = _sorted_segments(idx, N)
-        tile = scatter_tile(D, grad.element_size())
-        _scatter_rows_sorted_kernel[(triton.cdiv(N, tile.block_k), Bf)](
-            grad, src, seg, out, N, D, Mf * K, out.stride(0), out.stride(1),
-            BLOCK_N=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
-    else:
-        out = torch.zeros((Bf, N, D), dtype=torch.float32, device=grad.device)
-        if grad.numel():
-            tile = gather_tile(D, grad.element_size())
-            grid = (triton.cdiv(K, tile.block_k), Mf * Bf)
-            _scatter_rows_atomic_kernel[grid](grad, idx, out, Bf, K, N, D, out.stride(0), out.stride(1),
-                                              BLOCK_K=tile.block_k, BLOCK_D=tile.block_d,
-                                              num_warps=tile.num_warps)
-        out = out.to(out_dtype)
-    return out[0] if fold_batch else out
-
-
-# ---------------------------------------------------------------------------------------
-# torch.library registration: opaque to torch.compile, with fake and autograd rules
-# ---------------------------------------------------------------------------------------
-
-@torch.library.custom_op("ijepa::gather_tokens", mutates_args=())
-def _gather_tokens_op(x: Optional[torch.Tensor], pos: Optional[torch.Tensor], idx: torch.Tensor,
-                      deterministic: bool) -> torch.Tensor:
-    # `deterministic` only matters to the backward; it rides along so the autograd rule sees it.
-    return _launch_gather(x, pos, idx)
-
-
-@_gather_tokens_op.register_fake
-def _(x, pos, idx, deterministic):
-    ref = x if x is not None else pos
-    M, B, K = idx.shape
-    return ref.new_empty((M * B, K, ref.shape[-1]), dtype=_out_dtype(x, pos))
-
-
 @torch.library.custom_op("ijepa::scatter_token_grads", mutates_args=())
 def _scatter_token_grads_op(grad: torch.Tensor, idx: torch.Tensor, num_tokens: int, out_dtype: torch.dtype,
                             deterministic: bool, fold_batch: bool) -> torch.Tensor:
-    return _scatter_rows(grad, idx, num_tokens, out_dtype, deterministic, fold_batch)
+    """Adjoint of the gather: [B, N, D] (or [N, D] summed over the batch when fold_batch)."""
+    grad = grad.contiguous()
+    if fold_batch:                               # row i*B + b becomes mask i*B + b of batch 0
+        idx = idx.reshape(idx.shape[0] * idx.shape[1], 1, idx.shape[2])
+    M, B, K = idx.shape
+    N, D = num_tokens, grad.shape[-1]
+    if deterministic:
+        out = _new_output((B, N, D), out_dtype, grad.device)
+        if out.numel():
+            src, seg = _sorted_segments(idx, N)
+            tile = scatter_tile(D, grad.element_size())
+            _scatter_rows_sorted_kernel[(triton.cdiv(N, tile.block_k), B)](
+                grad, src, seg, out, N, D, M * K, out.stride(0), out.stride(1),
+                BLOCK_N=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
+    else:
+        out = torch.zeros((B, N, D), dtype=torch.float32, device=grad.device)
+        if grad.numel():
+            tile = gather_tile(D, grad.element_size())
+            _scatter_rows_atomic_kernel[(triton.cdiv(K, tile.block_k), M * B)](
+                grad, idx, out, B, K, N, D, out.stride(0), out.stride(1),
+                BLOCK_K=tile.block_k, BLOCK_D=tile.block_d, num_warps=tile.num_warps)
+        out = out.to(out_dtype)
+    return out[0] if fold_batch else out
 
 
 @_scatter_token_grads_op.register_fake
@@ -417,60 +418,9 @@ def _(grad, idx, num_tokens, out_dtype, deterministic, fold_batch):
     return grad.new_empty(shape, dtype=out_dtype)
 
 
-def _gather_setup_context(ctx, inputs, output):
-    x, pos, idx, deterministic = inputs
-    ctx.save_for_backward(idx)
-    ref = x if x is not None else pos
-    ctx.num_tokens = ref.shape[-2]
-    ctx.x_dtype = x.dtype if x is not None else None
-    ctx.pos_dtype = pos.dtype if pos is not None else None
-    ctx.deterministic = deterministic
-
-
-def _gather_backward(ctx, grad):
-    (idx,) = ctx.saved_tensors
-    grad_x = grad_pos = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _scatter_token_grads_op(grad, idx, ctx.num_tokens, ctx.x_dtype, ctx.deterministic, False)
-    if ctx.needs_input_grad[1]:
-        grad_pos = _scatter_token_grads_op(grad, idx, ctx.num_tokens, ctx.pos_dtype, ctx.deterministic, True)
-    return grad_x, grad_pos, None, None
-
-
-torch.library.register_autograd("ijepa::gather_tokens", _gather_backward, setup_context=_gather_setup_context)
-
-
-@torch.library.custom_op("ijepa::gather_layernorm", mutates_args=())
-def _gather_layernorm_op(h: torch.Tensor, idx: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch_layernorm(h, idx, eps)
-
-
-@_gather_layernorm_op.register_fake
-def _(h, idx, eps):
-    M, B, K = idx.shape
-    return h.new_empty((M * B, K, h.shape[-1]))
-
-
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
-
-def _check_tokens(x: Optional[torch.Tensor], pos: Optional[torch.Tensor]
-                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    if x is None and pos is None:
-        raise ValueError("gather_tokens: give x, pos, or both")
-    if x is not None and x.dim() != 3:
-        raise ValueError(f"gather_tokens: x must be [B, N, D], got shape {tuple(x.shape)}")
-    if pos is not None:
-        if pos.dim() == 3 and pos.shape[0] == 1:
-            pos = pos[0]
-        if pos.dim() != 2:
-            raise ValueError(f"gather_tokens: pos must be [N, D] or [1, N, D], got shape {tuple(pos.shape)}")
-        if x is not None and (tuple(pos.shape) != tuple(x.shape[1:]) or pos.device != x.device):
-            raise ValueError(f"gather_tokens: pos {tuple(pos.shape)} on {pos.device} does not match "
-                             f"x {tuple(x.shape)} on {x.device}")
-    return x, pos
-
 
 @torch.compiler.assume_constant_result
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -488,14 +438,23 @@ def gather_tokens(x: Optional[torch.Tensor], masks: MasksLike, pos: Optional[tor
     pos: ``[N, D]`` or ``[1, N, D]``; it gets a gradient if it requires one.
     deterministic: backward without atomics, reproducible bit for bit (Triton backend).
     """
-    x, pos = _check_tokens(x, pos)
+    if x is None and pos is None:
+        raise ValueError("gather_tokens: give x, pos, or both")
+    if x is not None and x.dim() != 3:
+        raise ValueError(f"gather_tokens: x must be [B, N, D], got shape {tuple(x.shape)}")
+    if pos is not None:
+        if pos.dim() == 3 and pos.shape[0] == 1:
+            pos = pos[0]
+        if pos.dim() != 2:
+            raise ValueError(f"gather_tokens: pos must be [N, D] or [1, N, D], got shape {tuple(pos.shape)}")
+        if x is not None and (tuple(pos.shape) != tuple(x.shape[1:]) or pos.device != x.device):
+            raise ValueError(f"gather_tokens: pos {tuple(pos.shape)} on {pos.device} does not match "
+                             f"x {tuple(x.shape)} on {x.device}")
     device = (x if x is not None else pos).device
-    chosen = _resolve_backend(backend, device)
-    if chosen == "torch":
+    if _resolve_backend(backend, device) == "torch":
         return gather_tokens_ref(x, masks, pos)
     idx = _stack_masks(masks, x.shape[0] if x is not None else None, device)
-    return _gather_tokens_op(_row_major(x) if x is not None else None,
-                             _row_major(pos) if pos is not None else None, idx, deterministic)
+    return _gather_tokens_op(_row_major(x), _row_major(pos), idx, deterministic)
 
 
 def gather_layernorm(h: torch.Tensor, masks: MasksLike, eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
@@ -503,14 +462,12 @@ def gather_layernorm(h: torch.Tensor, masks: MasksLike, eps: float = 1e-5, backe
     mask-major ``[M*B, K, D]`` in h's dtype. Targets are stop-gradient: no backward."""
     if h.dim() != 3:
         raise ValueError(f"gather_layernorm: h must be [B, N, D], got shape {tuple(h.shape)}")
-    chosen = _resolve_backend(backend, h.device)
-    if chosen == "torch":
+    if _resolve_backend(backend, h.device) == "torch":
         return gather_layernorm_ref(h, masks, eps)
     if h.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("gather_layernorm (triton) has no backward: the targets are stop-gradient, "
                            "call it under torch.no_grad() or pass h.detach()")
-    idx = _stack_masks(masks, h.shape[0], h.device)
-    return _gather_layernorm_op(_row_major(h), idx, float(eps))
+    return _gather_layernorm_op(_row_major(h), _stack_masks(masks, h.shape[0], h.device), float(eps))
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,14 +479,23 @@ _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 # (x dtype or None, pos dtype or None): what the engine gathers. Context encoder without a
 # fused pos add, and the target/predictor token gather: x only. Encoder input after patch
 # embedding under bf16 autocast: bf16 tokens + fp32 pos table. Predictor positions: pos only.
-_GATHER_VARIANTS = (
-    (torch.float32, None), (torch.bfloat16, None),
-    (torch.bfloat16, torch.float32), (torch.float32, torch.float32),
-    (None, torch.float32),
-)
+_GATHER_VARIANTS = ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                    (torch.float32, torch.float32), (None, torch.float32))
 # Gradient dtype -> parameter dtype for the deterministic backward.
 _SCATTER_VARIANTS = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                      (torch.bfloat16, torch.bfloat16))
+
+
+def _spec(kernel, name: str, D: int, tile: Tile, pointers: dict[str, str], **constexprs) -> dict:
+    """One spec: pointer args typed by ``pointers``, the other runtime args i32 (eps fp32).
+    Pointers, D and the row strides count as 16-divisible: the engine widths are."""
+    constexprs["BLOCK_N" if "BLOCK_N" in kernel.arg_names else "BLOCK_K"] = tile.block_k
+    constexprs["BLOCK_D"] = tile.block_d
+    signature = {a: pointers.get(a, "fp32" if a == "eps" else "i32") for a in kernel.arg_names if a not in constexprs}
+    return dict(name=f"{name} {tile.block_k}x{tile.block_d}", kernel=kernel, signature=signature,
+                constexprs=constexprs, num_warps=tile.num_warps, num_stages=2,
+                div16=[a for a, ty in signature.items() if ty[0] == "*" or a == "D" or a.startswith("stride")],
+                widths=[D])
 
 
 def _dedupe(specs: list[dict]) -> list[dict]:
@@ -539,10 +505,7 @@ def _dedupe(specs: list[dict]) -> list[dict]:
     for spec in specs:
         key = (spec["kernel"].__name__, tuple(sorted(spec["signature"].items())),
                tuple(sorted(spec["constexprs"].items())), spec["num_warps"])
-        if key in merged:
-            merged[key]["widths"].append(spec["widths"][0])
-        else:
-            merged[key] = spec
+        merged.setdefault(key, dict(spec, widths=[]))["widths"] += spec["widths"]
     for spec in merged.values():
         spec["name"] = f"{spec['name']} D={'/'.join(map(str, spec.pop('widths')))}"
     return list(merged.values())
@@ -550,58 +513,25 @@ def _dedupe(specs: list[dict]) -> list[dict]:
 
 def aot_specs() -> list[dict]:
     assert all(D % 16 == 0 for D in ENGINE_WIDTHS)    # so D and the row strides are 16-divisible
-    i32 = "i32"
     specs = []
     for D in ENGINE_WIDTHS:
         for x_dt, pos_dt in _GATHER_VARIANTS:
-            out_dt = pos_dt if x_dt is None else (x_dt if pos_dt is None else torch.promote_types(x_dt, pos_dt))
-            widest = max(dt.itemsize for dt in (x_dt, pos_dt, out_dt) if dt is not None)
-            tile = gather_tile(D, widest)
+            out = _TL_NAME[_out_dtype(x_dt, pos_dt)]
             label = "+".join(f"{n}:{_TL_NAME[dt]}" for n, dt in (("x", x_dt), ("pos", pos_dt)) if dt is not None)
-            specs.append(dict(
-                name=f"gather_fwd {label}->{_TL_NAME[out_dt]} {tile.block_k}x{tile.block_d}",
-                kernel=_gather_rows_kernel,
-                signature={"x_ptr": f"*{_TL_NAME[x_dt or out_dt]}", "pos_ptr": f"*{_TL_NAME[pos_dt or out_dt]}",
-                           "idx_ptr": "*i64", "out_ptr": f"*{_TL_NAME[out_dt]}",
-                           "B": i32, "K": i32, "N": i32, "D": i32,
-                           "stride_xb": i32, "stride_xn": i32, "stride_pn": i32},
-                constexprs={"HAS_X": x_dt is not None, "HAS_POS": pos_dt is not None,
-                            "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d},
-                num_warps=tile.num_warps, num_stages=2,
-                div16=["x_ptr", "pos_ptr", "idx_ptr", "out_ptr", "D", "stride_xb", "stride_xn", "stride_pn"],
-                widths=[D]))
+            specs.append(_spec(_gather_rows_kernel, f"gather_fwd {label}->{out}", D, _forward_tile(D, x_dt, pos_dt),
+                               {"x_ptr": f"*{_TL_NAME.get(x_dt, out)}", "pos_ptr": f"*{_TL_NAME.get(pos_dt, out)}",
+                                "idx_ptr": "*i64", "out_ptr": f"*{out}"},
+                               HAS_X=x_dt is not None, HAS_POS=pos_dt is not None))
         for dt in (torch.float32, torch.bfloat16):
-            tile = layernorm_tile(D)
-            specs.append(dict(
-                name=f"gather_layernorm {_TL_NAME[dt]} {tile.block_k}x{tile.block_d}",
-                kernel=_gather_layernorm_kernel,
-                signature={"h_ptr": f"*{_TL_NAME[dt]}", "idx_ptr": "*i64", "out_ptr": f"*{_TL_NAME[dt]}",
-                           "B": i32, "K": i32, "N": i32, "D": i32, "stride_hb": i32, "stride_hn": i32,
-                           "eps": "fp32"},
-                constexprs={"BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d},
-                num_warps=tile.num_warps, num_stages=2,
-                div16=["h_ptr", "idx_ptr", "out_ptr", "D", "stride_hb", "stride_hn"], widths=[D]))
+            specs.append(_spec(_gather_layernorm_kernel, f"gather_layernorm {_TL_NAME[dt]}", D, layernorm_tile(D),
+                               {"h_ptr": f"*{_TL_NAME[dt]}", "idx_ptr": "*i64", "out_ptr": f"*{_TL_NAME[dt]}"}))
         for g_dt, p_dt in _SCATTER_VARIANTS:
-            tile = scatter_tile(D, g_dt.itemsize)
-            specs.append(dict(
-                name=f"scatter_bwd sorted {_TL_NAME[g_dt]}->{_TL_NAME[p_dt]} {tile.block_k}x{tile.block_d}",
-                kernel=_scatter_rows_sorted_kernel,
-                signature={"grad_ptr": f"*{_TL_NAME[g_dt]}", "src_ptr": "*i32", "seg_ptr": "*i32",
-                           "out_ptr": f"*{_TL_NAME[p_dt]}", "N": i32, "D": i32, "L": i32,
-                           "stride_ob": i32, "stride_on": i32},
-                constexprs={"BLOCK_N": tile.block_k, "BLOCK_D": tile.block_d},
-                num_warps=tile.num_warps, num_stages=2,
-                div16=["grad_ptr", "src_ptr", "seg_ptr", "out_ptr", "D", "stride_ob", "stride_on"], widths=[D]))
+            specs.append(_spec(_scatter_rows_sorted_kernel, f"scatter_bwd sorted {_TL_NAME[g_dt]}->{_TL_NAME[p_dt]}",
+                               D, scatter_tile(D, g_dt.itemsize),
+                               {"grad_ptr": f"*{_TL_NAME[g_dt]}", "src_ptr": "*i32", "seg_ptr": "*i32",
+                                "out_ptr": f"*{_TL_NAME[p_dt]}"}))
         for g_dt in (torch.float32, torch.bfloat16):
-            tile = gather_tile(D, g_dt.itemsize)
-            specs.append(dict(
-                name=f"scatter_bwd atomic {_TL_NAME[g_dt]}->fp32 {tile.block_k}x{tile.block_d}",
-                kernel=_scatter_rows_atomic_kernel,
-                signature={"grad_ptr": f"*{_TL_NAME[g_dt]}", "idx_ptr": "*i64", "acc_ptr": "*fp32",
-                           "B": i32, "K": i32, "N": i32, "D": i32, "stride_ab": i32, "stride_an": i32},
-                constexprs={"BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d},
-                num_warps=tile.num_warps, num_stages=2,
-                div16=["grad_ptr", "idx_ptr", "acc_ptr", "D", "stride_ab", "stride_an"], widths=[D]))
-    for spec in specs:
-        spec["num_warps"] = spec.get("num_warps", 4)
+            specs.append(_spec(_scatter_rows_atomic_kernel, f"scatter_bwd atomic {_TL_NAME[g_dt]}->fp32", D,
+                               gather_tile(D, g_dt.itemsize),
+                               {"grad_ptr": f"*{_TL_NAME[g_dt]}", "idx_ptr": "*i64", "acc_ptr": "*fp32"}))
     return _dedupe(specs)

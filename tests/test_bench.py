@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from engine import IJEPAConfig
-from engine.cli import _Parser
 from engine.tools.flops import (device_peak_tflops, expected_tokens, flops_from_config, paper_reference_figure,
                           step_flops)
 
@@ -21,15 +20,7 @@ BENCH = os.path.join(ROOT, "configs", "bench_vit_tiny.yaml")
 VITH14 = os.path.join(ROOT, "configs", "in1k_vith14_ep300.yaml")
 
 
-def main(argv):
-    """``ijepa`` with only the bench/profile subcommands registered: in-process tests do not
-    depend on other subcommand modules (with the shared editable install those can resolve to
-    another checkout's files). The subprocess tests at the end go through the real CLI."""
-    import engine.tools.bench
-    p = _Parser(prog="ijepa")
-    engine.tools.bench.add_parser(p.add_subparsers(dest="command", parser_class=_Parser))
-    args = p.parse_args(argv)
-    return int(args.func(args) or 0)
+from engine.cli import main  # noqa: E402
 
 
 # ------------------------------------------------------------------ a fake reference checkout

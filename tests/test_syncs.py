@@ -3,7 +3,6 @@ read once per logging window (tests/sync_audit.py counts the reads; a GPU run wo
 import os
 
 import pytest
-import torch
 
 from engine import IJEPAConfig
 from engine.strategy import LocalStrategy

@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -86,24 +85,6 @@ def meta_lines(meta: dict) -> list[str]:
     return [f"device: {meta['device']} | CPU: {meta['cpu_model']} | threads: {meta['threads']} | "
             f"torch {meta['torch']} | commit {meta['git_commit']} | {meta['date']}",
             f"command: {meta['command']}"]
-
-
-def command_line(action: str, args, keys) -> str:
-    """The exact command, rebuilt from the parsed options (also when called through ``main(argv)``)."""
-    parts = ["ijepa"] + action.split()
-    for k in keys:
-        v = getattr(args, k, None)
-        if v is None or v is False:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            parts.append(flag)
-        elif isinstance(v, list):
-            for x in v:
-                parts += [flag, str(x)]
-        else:
-            parts += [flag, str(v)]
-    return shlex.join(parts)
 
 
 # ===================================================================== setup
@@ -324,10 +305,6 @@ def _describe(cfg) -> str:
 
 
 # ===================================================================== bench e2e
-E2E_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "precision", "threads",
-            "batch_size", "seed", "mem_steps", "no_memory", "peak_tflops", "json", "markdown", "plot")
-
-
 def run_e2e(args) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
@@ -345,7 +322,7 @@ def run_e2e(args) -> int:
         torch.backends.cudnn.benchmark = True   # the reference's train.py turns it on
     precision, batch, seed = cfg.precision, cfg.data.batch_size, args.seed
     total = args.warmup + args.steps
-    meta = run_meta(device, threads, command_line("bench e2e", args, E2E_KEYS))
+    meta = run_meta(device, threads, args.command_line)
 
     t0 = time.perf_counter()
     masks = sample_masks(cfg, batch, total, seed)
@@ -661,10 +638,6 @@ def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
     return rows[:limit]
 
 
-PROFILE_KEYS = ("config", "override", "reference", "device", "steps", "warmup", "precision",
-                "threads", "batch_size", "seed", "trace", "json", "markdown")
-
-
 def run_profile(args) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise UsageError("--steps must be >= 1 and --warmup >= 0")
@@ -678,7 +651,7 @@ def run_profile(args) -> int:
     if reference is not None:
         from engine.tools.refharness import check_buildable
         check_buildable(cfg, reference)
-    meta = run_meta(device, threads, command_line("profile", args, PROFILE_KEYS))
+    meta = run_meta(device, threads, args.command_line)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # kineto's start/stop chatter on stderr
     eng, ref = build_runners(cfg, device, cfg.precision, reference, args.seed)
     loops = [ProfiledLoop(r, cfg, device, args.seed) for r in [eng] + ([ref] if ref else [])]
@@ -803,7 +776,7 @@ def run_kernels(args) -> int:
     bench_dir = os.path.abspath(args.bench_dir or os.path.join(ROOT, "benchmarks"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     meta = run_meta(torch.device(device), torch.get_num_threads(),
-                    command_line("bench kernels", args, ("bench_dir", "timeout", "json", "markdown", "png")))
+                    args.command_line)
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # kernel timings under the Triton interpreter would measure the interpreter
@@ -906,8 +879,7 @@ def run_flops(args) -> int:
         raise UsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
     peak = args.peak_tflops or device_peak_tflops(args.gpu)
     meta = run_meta(torch.device("cpu"), torch.get_num_threads(),
-                    command_line("bench flops", args, ("config", "override", "batch_size", "k_ctx", "k_pred",
-                                                       "images_per_s", "gpu", "peak_tflops", "json")))
+                    args.command_line)
     meta["device"] = "analytic (no device used)"
     print(f"## FLOP model: {_describe(cfg)}\n")
     print("\n".join(f"- {x}" for x in meta_lines(meta)) + "\n")

@@ -41,11 +41,14 @@ import re
 from typing import Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as load_safetensors, save_file
 
-from engine.checkpoint import FORMAT_VERSION, load_file, save_atomic
+from engine.checkpoint import FORMAT_VERSION, Snapshot, load_file, read_latest, save_atomic
 from engine.config import VIT_SIZES, IJEPAConfig
 from engine.errors import ConfigError, UsageError
 from engine.model import VisionTransformer, strip_module_prefix
+from engine.strategy import LocalStrategy
 
 FORMATS = ("engine", "reference", "hf", "timm")
 REFERENCE_FIELDS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
@@ -93,28 +96,22 @@ class Arch:
                 f"{self.img_size} px, patch {self.patch_size}, {self.in_chans} channel(s)")
 
     def timm_name(self) -> str:
-        size = next((n for n, (d, dep, _, _) in VIT_SIZES.items()
-                     if d == self.embed_dim and dep == self.depth), None)
+        size = next((n for n, (d, dep, _, _) in VIT_SIZES.items() if d == self.embed_dim and dep == self.depth), None)
         base = size or f"vit_w{self.embed_dim}_d{self.depth}"
         return f"{base}_patch{self.patch_size}_gap_{self.img_size}"
 
 
 def infer_arch(sd: dict, num_heads: Optional[int] = None, what: str = "checkpoint") -> Arch:
-    """Architecture from an encoder state dict in reference naming (no ``module.`` prefix).
-
-    Patch size, width and channels come from ``patch_embed.proj.weight``, the grid from
-    ``pos_embed``, depth from the block indices, the MLP width from ``fc1``. The head count
-    is not visible in any shape: ``num_heads`` if given, else the reference factory size
-    with this width, else an error asking for it.
-    """
-    need = ("patch_embed.proj.weight", "pos_embed", "norm.weight", "blocks.0.mlp.fc1.weight",
-            "blocks.0.attn.qkv.weight")
-    missing = [k for k in need if k not in sd]
+    """Architecture from an encoder state dict in reference naming (no ``module.`` prefix). The head
+    count is not visible in any shape: ``num_heads`` if given, else the reference factory size with
+    this width, else an error asking for it."""
+    missing = [k for k in ("patch_embed.proj.weight", "pos_embed", "norm.weight", "blocks.0.mlp.fc1.weight",
+                           "blocks.0.attn.qkv.weight") if k not in sd]
     if missing:
         raise UsageError(f"{what}: not an I-JEPA ViT encoder state dict (missing {', '.join(missing)})")
     if "blocks.0.attn.qkv.bias" not in sd:
         raise UsageError(f"{what}: attention without qkv bias; the engine's ViT (like every reference "
-                           f"factory model) has qkv_bias=True")
+                         f"factory model) has qkv_bias=True")
     dim, chans, p, p2 = sd["patch_embed.proj.weight"].shape
     if p != p2:
         raise UsageError(f"{what}: non-square patches {p}x{p2} are not supported")
@@ -122,12 +119,12 @@ def infer_arch(sd: dict, num_heads: Optional[int] = None, what: str = "checkpoin
     grid = math.isqrt(n)
     if grid * grid != n or sd["pos_embed"].shape[-1] != dim:
         raise UsageError(f"{what}: pos_embed {tuple(sd['pos_embed'].shape)} is not a square grid of "
-                           f"width {dim} (a cls token or non-square input is not an I-JEPA encoder)")
+                         f"width {dim} (a cls token or non-square input is not an I-JEPA encoder)")
     depth = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
     heads = num_heads or _FACTORY_HEADS.get(dim)
     if heads is None:
         raise UsageError(f"{what}: width {dim} is not a reference factory size, so the number of "
-                           f"attention heads is unknown; pass --num-heads")
+                         f"attention heads is unknown; pass --num-heads")
     if dim % heads:
         raise UsageError(f"{what}: width {dim} is not divisible by {heads} heads")
     return Arch(img_size=grid * p, patch_size=p, in_chans=chans, embed_dim=dim, depth=depth,
@@ -155,9 +152,7 @@ class Checkpoint:
     def encoder_state(self, which: str) -> dict:
         if which not in ("target", "context"):
             raise UsageError(f"--encoder {which!r}: choose target or context")
-        if which == "context" or self.target_encoder is None:
-            return self.encoder
-        return self.target_encoder
+        return self.encoder if which == "context" or self.target_encoder is None else self.target_encoder
 
 
 def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = None) -> Checkpoint:
@@ -170,30 +165,26 @@ def read_checkpoint(path: str, fmt: str = "auto", num_heads: Optional[int] = Non
         if fmt not in ("auto", "hf"):
             raise UsageError(f"{path}: a directory can only be a HuggingFace model (--from hf)")
         return _read_hf(path, num_heads)
+    obj, meta = None, {}
     if _is_safetensors(path):
-        from safetensors import safe_open
         try:
             with safe_open(path, "pt") as f:
                 keys = list(f.keys())
                 meta = f.metadata() or {}
         except Exception as e:
             raise UsageError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
-        looks_hf = any(k.startswith(("embeddings.", "ijepa.embeddings.")) for k in keys)
-        detected = "hf" if looks_hf else "timm"
-        if fmt not in ("auto", detected):
-            raise UsageError(f"{path}: holds {detected} weights, not {fmt}")
-        if detected == "hf":
-            return _read_hf(path, num_heads)
-        from safetensors.torch import load_file as load_safetensors
-        return _timm_checkpoint(load_safetensors(path), meta, num_heads, path)
-    obj = load_file(path, mmap=True)
-    detected = _detect_torch_object(obj, path)
-    if fmt == "reference" and detected == "engine":
-        detected = "reference"      # an engine file is a reference file plus the engine block
+        detected = "hf" if any(k.startswith(("embeddings.", "ijepa.embeddings.")) for k in keys) else "timm"
+    else:
+        obj = load_file(path, mmap=True)
+        detected = _detect_torch_object(obj, path)
+        if fmt == "reference" and detected == "engine":
+            detected = "reference"      # an engine file is a reference file plus the engine block
     if fmt not in ("auto", detected):
         raise UsageError(f"{path}: holds {detected} weights, not {fmt}")
+    if detected == "hf":
+        return _read_hf(path, num_heads)
     if detected == "timm":
-        return _timm_checkpoint(obj, {}, num_heads, path)
+        return _timm_checkpoint(load_safetensors(path) if obj is None else obj, meta, num_heads, path)
     return _reference_checkpoint(obj, detected, num_heads, path)
 
 
@@ -201,9 +192,8 @@ def _is_safetensors(path: str) -> bool:
     """A safetensors file starts with the 8-byte little-endian length of a JSON header."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
+    return (len(head) == 9 and head[8:9] == b"{"
+            and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8)
 
 
 def _detect_torch_object(obj, path) -> str:
@@ -214,75 +204,61 @@ def _detect_torch_object(obj, path) -> str:
     keys = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k) for k in obj}
     if "patch_embed.proj.weight" in keys and "pos_embed" in keys:
         return "timm"       # a bare encoder state dict: timm's and the reference's names coincide
-    shown = ", ".join(sorted(map(str, obj))[:6])
-    raise UsageError(f"{path}: not an I-JEPA checkpoint (top-level keys: {shown}); expected encoder/"
-                       f"predictor/target_encoder (reference or engine) or ViT encoder weights")
+    raise UsageError(f"{path}: not an I-JEPA checkpoint (top-level keys: {', '.join(sorted(map(str, obj))[:6])}); "
+                     f"expected encoder/predictor/target_encoder (reference or engine) or ViT encoder weights")
 
 
 def _reference_checkpoint(obj: dict, fmt: str, num_heads, path) -> Checkpoint:
-    enc = strip_module_prefix(obj["encoder"])
-    tgt = strip_module_prefix(obj["target_encoder"]) if isinstance(obj.get("target_encoder"), dict) else None
-    pred = strip_module_prefix(obj["predictor"]) if isinstance(obj.get("predictor"), dict) else None
+    enc, pred, tgt = (strip_module_prefix(obj[k]) if isinstance(obj.get(k), dict) else None
+                      for k in REFERENCE_FIELDS[:3])
     engine = obj.get("engine") if fmt == "engine" else None
     if num_heads is None and engine is not None:
-        num_heads = _heads_from_engine_config(engine)
+        try:
+            num_heads = IJEPAConfig.from_dict(engine.get("config"), validate=False).arch["num_heads"]
+        except (ConfigError, TypeError, KeyError):
+            pass    # a config from another engine version: fall back to the factory sizes
     arch = infer_arch(enc, num_heads, what=path)
-    fields = {k: obj[k] for k in REFERENCE_FIELDS[3:] if k in obj}
-    extras = {k: v for k, v in obj.items() if k not in REFERENCE_FIELDS and k != "engine"} if engine else {}
-    return Checkpoint(fmt=fmt, arch=arch, encoder=enc, target_encoder=tgt, predictor=pred,
-                      fields=fields, engine=engine, extras=extras, path=path)
-
-
-def _heads_from_engine_config(engine: dict) -> Optional[int]:
-    try:
-        return IJEPAConfig.from_dict(engine.get("config"), validate=False).arch["num_heads"]
-    except (ConfigError, TypeError, KeyError):
-        return None     # a config from another engine version: fall back to the factory sizes
+    extras = {k: v for k, v in obj.items() if k not in REFERENCE_FIELDS + ("engine",)} if engine else {}
+    return Checkpoint(fmt=fmt, arch=arch, encoder=enc, target_encoder=tgt, predictor=pred, engine=engine, path=path,
+                      fields={k: obj[k] for k in REFERENCE_FIELDS[3:] if k in obj}, extras=extras)
 
 
 def _timm_checkpoint(sd: dict, meta: dict, num_heads, path) -> Checkpoint:
     sd = strip_module_prefix(sd)
-    dropped = [k for k in sd if k.startswith("head.")]
     if "cls_token" in sd or "reg_token" in sd:
         raise UsageError(f"{path}: has a cls/register token; I-JEPA encoders have none (a timm "
-                           f"vit_*_gap_* model is expected)")
+                         f"vit_*_gap_* model is expected)")
     sd = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v
-          for k, v in sd.items() if k not in dropped}
+          for k, v in sd.items() if not k.startswith("head.")}
     if num_heads is None and meta.get("num_heads"):
         num_heads = int(meta["num_heads"])
-    arch = infer_arch(sd, num_heads, what=path)
-    return Checkpoint(fmt="timm", arch=arch, encoder=sd, path=path)
+    return Checkpoint(fmt="timm", arch=infer_arch(sd, num_heads, what=path), encoder=sd, path=path)
 
 
 # ----------------------------------------------------------------------------- HF naming
+# (reference name, HF name) outside the blocks
+_HF_TOP = (("pos_embed", "embeddings.position_embeddings"),
+           ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight"),
+           ("patch_embed.proj.bias", "embeddings.patch_embeddings.projection.bias"),
+           ("norm.weight", "layernorm.weight"), ("norm.bias", "layernorm.bias"))
 # (reference block suffix, HF legacy on-disk suffix, transformers>=5 in-memory suffix)
-_HF_BLOCK = (
-    ("norm1", "layernorm_before", "layernorm_before"),
-    ("attn.proj", "attention.output.dense", "attention.o_proj"),
-    ("norm2", "layernorm_after", "layernorm_after"),
-    ("mlp.fc1", "intermediate.dense", "mlp.fc1"),
-    ("mlp.fc2", "output.dense", "mlp.fc2"),
-)
+_HF_BLOCK = (("norm1", "layernorm_before", "layernorm_before"),
+             ("attn.proj", "attention.output.dense", "attention.o_proj"),
+             ("norm2", "layernorm_after", "layernorm_after"),
+             ("mlp.fc1", "intermediate.dense", "mlp.fc1"), ("mlp.fc2", "output.dense", "mlp.fc2"))
 _HF_QKV = (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))
 
 
 def to_hf_state_dict(sd: dict, depth: int) -> dict:
     """Reference-named encoder -> ``IJepaModel`` on-disk names; qkv split into three D-row slices."""
-    out = {
-        "embeddings.position_embeddings": sd["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-        "layernorm.weight": sd["norm.weight"],
-        "layernorm.bias": sd["norm.bias"],
-    }
+    out = {theirs: sd[ours] for ours, theirs in _HF_TOP}
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
         for ours, theirs, _ in _HF_BLOCK:
             for t in ("weight", "bias"):
                 out[f"{dst}{theirs}.{t}"] = sd[f"{src}{ours}.{t}"]
         for t in ("weight", "bias"):
-            q, k, v = sd[f"{src}attn.qkv.{t}"].chunk(3, dim=0)   # rows are [q; k; v]
-            for (name, _), part in zip(_HF_QKV, (q, k, v)):
+            for (name, _), part in zip(_HF_QKV, sd[f"{src}attn.qkv.{t}"].chunk(3, dim=0)):   # rows are [q; k; v]
                 out[f"{dst}attention.attention.{name}.{t}"] = part
     return out
 
@@ -293,13 +269,7 @@ def from_hf_state_dict(hf: dict, what: str = "HF model") -> dict:
     hf = {k[len("ijepa."):] if k.startswith("ijepa.") else k: v for k, v in hf.items()
           if not k.startswith("classifier.")}
     try:
-        out = {
-            "pos_embed": hf["embeddings.position_embeddings"],
-            "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
-            "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
-            "norm.weight": hf["layernorm.weight"],
-            "norm.bias": hf["layernorm.bias"],
-        }
+        out = {ours: hf[theirs] for ours, theirs in _HF_TOP}
     except KeyError as e:
         raise UsageError(f"{what}: not an IJepaModel state dict (missing {e.args[0]})") from None
     if "embeddings.cls_token" in hf:
@@ -323,31 +293,19 @@ def from_hf_state_dict(hf: dict, what: str = "HF model") -> dict:
 
 def _hf_config(arch: Arch, source_encoder: Optional[str]) -> dict:
     return {
-        "architectures": ["IJepaModel"],
-        "model_type": "ijepa",
-        "hidden_size": arch.embed_dim,
-        "num_hidden_layers": arch.depth,
-        "num_attention_heads": arch.num_heads,
-        "intermediate_size": arch.mlp_hidden,
+        "architectures": ["IJepaModel"], "model_type": "ijepa", "hidden_size": arch.embed_dim,
+        "num_hidden_layers": arch.depth, "num_attention_heads": arch.num_heads, "intermediate_size": arch.mlp_hidden,
         "hidden_act": "gelu",            # exact (erf) GELU, as nn.GELU() in the reference
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": LAYER_NORM_EPS,
-        "image_size": arch.img_size,
-        "patch_size": arch.patch_size,
-        "num_channels": arch.in_chans,
-        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
+        "layer_norm_eps": LAYER_NORM_EPS, "image_size": arch.img_size, "patch_size": arch.patch_size,
+        "num_channels": arch.in_chans, "qkv_bias": True,
         # not read by transformers; records which I-JEPA encoder these weights are
         "ijepa_engine_source_encoder": source_encoder,
     }
 
 
 def _read_hf(path: str, num_heads) -> Checkpoint:
-    from safetensors.torch import load_file
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    cfg = {}
-    cfg_path = os.path.join(folder, "config.json")
+    cfg, cfg_path = {}, os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     if os.path.isfile(cfg_path):
         with open(cfg_path) as f:
             try:
@@ -362,35 +320,22 @@ def _read_hf(path: str, num_heads) -> Checkpoint:
         raise UsageError(f"{cfg_path}: layer_norm_eps {cfg['layer_norm_eps']}; the I-JEPA ViT uses 1e-6")
     if cfg.get("qkv_bias", True) is not True:
         raise UsageError(f"{cfg_path}: qkv_bias false; the I-JEPA ViT has qkv biases")
-    if os.path.isdir(path):
-        single, index = os.path.join(path, HF_WEIGHTS), os.path.join(path, HF_INDEX)
-        if os.path.isfile(single):
-            tensors = load_file(single)
-        elif os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            tensors = {}
-            for s in shards:
-                tensors.update(load_file(os.path.join(path, s)))
-        else:
-            raise UsageError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (a HuggingFace model directory "
-                               f"saved with safetensors is expected)")
+    if not os.path.isdir(path):
+        files = [path]
+    elif os.path.isfile(os.path.join(path, HF_WEIGHTS)):
+        files = [os.path.join(path, HF_WEIGHTS)]
+    elif os.path.isfile(os.path.join(path, HF_INDEX)):
+        with open(os.path.join(path, HF_INDEX)) as f:
+            files = [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
     else:
-        tensors = load_file(path)
-    sd = from_hf_state_dict(tensors, what=path)
-    heads = num_heads or cfg.get("num_attention_heads")
-    arch = infer_arch(sd, heads, what=path)
+        raise UsageError(f"{path}: no {HF_WEIGHTS} or {HF_INDEX} (a HuggingFace model directory "
+                         f"saved with safetensors is expected)")
+    sd = from_hf_state_dict({k: v for file in files for k, v in load_safetensors(file).items()}, what=path)
+    arch = infer_arch(sd, num_heads or cfg.get("num_attention_heads"), what=path)
     return Checkpoint(fmt="hf", arch=arch, encoder=sd, path=path)
 
 
 # ----------------------------------------------------------------------------- writers
-def _default_mode(path: str):
-    # mkstemp and safetensors create owner-only files; a checkpoint is shared like any output
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _prefixed(sd: Optional[dict]) -> Optional[dict]:
     return None if sd is None else {"module." + k: v for k, v in sd.items()}
 
@@ -398,11 +343,10 @@ def _prefixed(sd: Optional[dict]) -> Optional[dict]:
 def _reference_dict(ck: Checkpoint) -> dict:
     if ck.encoder_only:
         raise UsageError(f"{ck.path}: holds only an encoder ({ck.fmt}); a reference checkpoint needs the "
-                           f"predictor and optimizer state as well (convert --to hf/timm, or eval it directly)")
-    out = {"encoder": _prefixed(ck.encoder), "predictor": _prefixed(ck.predictor),
-           "target_encoder": _prefixed(ck.target_encoder if ck.target_encoder is not None else ck.encoder)}
-    out.update({k: ck.fields.get(k) for k in REFERENCE_FIELDS[3:]})
-    return out
+                         f"predictor and optimizer state as well (convert --to hf/timm, or eval it directly)")
+    return {"encoder": _prefixed(ck.encoder), "predictor": _prefixed(ck.predictor),
+            "target_encoder": _prefixed(ck.target_encoder if ck.target_encoder is not None else ck.encoder),
+            **{k: ck.fields.get(k) for k in REFERENCE_FIELDS[3:]}}
 
 
 def engine_config_for(ck: Checkpoint) -> dict:
@@ -410,15 +354,11 @@ def engine_config_for(ck: Checkpoint) -> dict:
     a = ck.arch
     name = next((n for n, (d, dep, _, _) in VIT_SIZES.items() if d == a.embed_dim and dep == a.depth),
                 next((n for n, (d, *_) in VIT_SIZES.items() if d == a.embed_dim), "vit_base"))
-    d = {
-        "meta": {"model_name": name},
-        "model": {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio},
-        "data": {"crop_size": a.img_size, "in_chans": a.in_chans},
-        "mask": {"patch_size": a.patch_size},
-    }
+    d = {"meta": {"model_name": name},
+         "model": {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio},
+         "data": {"crop_size": a.img_size, "in_chans": a.in_chans}, "mask": {"patch_size": a.patch_size}}
     if ck.predictor is not None:
-        depth = 1 + max(int(m.group(1)) for k in ck.predictor
-                        for m in [re.match(r"predictor_blocks\.(\d+)\.", k)] if m)
+        depth = 1 + max(int(m.group(1)) for k in ck.predictor for m in [re.match(r"predictor_blocks\.(\d+)\.", k)] if m)
         d["meta"].update(pred_depth=depth, pred_emb_dim=int(ck.predictor["predictor_embed.weight"].shape[0]))
     if isinstance(ck.fields.get("batch_size"), int):
         d["data"]["batch_size"] = ck.fields["batch_size"]
@@ -428,21 +368,15 @@ def engine_config_for(ck: Checkpoint) -> dict:
 
 
 def _engine_dict(ck: Checkpoint) -> dict:
-    if ck.encoder_only:
-        out = {"encoder": _prefixed(ck.encoder), "target_encoder": _prefixed(ck.encoder)}
-    else:
-        out = _reference_dict(ck)
+    out = ({"encoder": _prefixed(ck.encoder), "target_encoder": _prefixed(ck.encoder)} if ck.encoder_only
+           else _reference_dict(ck))
     if ck.engine is not None:
-        out.update(ck.extras)
-        out["engine"] = ck.engine
-        return out
+        return {**out, **ck.extras, "engine": ck.engine}
     config = engine_config_for(ck)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config["train"]["seed"])
-        rng = torch.get_rng_state()
-    # A converted file starts a NEW engine run from these weights (and optimizer state): step,
-    # epoch and data position are 0, the RNG is the seeded state; the reference's own ``epoch``
-    # stays in the top-level field.
+    # A converted file starts a NEW engine run from these weights (and optimizer state): step, epoch
+    # and data position are 0, the RNG is the seeded state (taken from a fresh generator, so the
+    # global RNG is left alone); the reference's own ``epoch`` stays in the top-level field.
+    rng = torch.Generator().manual_seed(config["train"]["seed"]).get_state()
     out["engine"] = {"format": FORMAT_VERSION, "config": config, "step": 0, "epoch": 0,
                      "batch_in_epoch": 0, "sampler": None, "rng_cpu": rng, "rng_cuda": [],
                      "converted_from": ck.fmt, "encoder_only": ck.encoder_only}
@@ -457,46 +391,42 @@ def write_reference(ck: Checkpoint, path: str):
     save_atomic(_reference_dict(ck), path)
 
 
-def _contiguous(sd: dict) -> dict:
+def _save_safetensors(sd: dict, path: str, metadata: dict):
     # safetensors stores each tensor on its own: slices (the qkv split) must own their memory
-    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, path, metadata=metadata)
+    # mkstemp and safetensors create owner-only files; a checkpoint is shared like any output
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_hf(ck: Checkpoint, path: str, which: str = "context"):
-    from safetensors.torch import save_file
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{path}: exists and is not a directory (--to hf writes a model directory)")
     os.makedirs(path, exist_ok=True)
     sd = to_hf_state_dict(ck.encoder_state(which), ck.arch.depth)
-    save_file(_contiguous(sd), os.path.join(path, HF_WEIGHTS), metadata={"format": "pt"})
-    _default_mode(os.path.join(path, HF_WEIGHTS))
-    source = which if ck.target_encoder is not None else None
+    _save_safetensors(sd, os.path.join(path, HF_WEIGHTS), {"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(_hf_config(ck.arch, source), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json.dumps(_hf_config(ck.arch, which if ck.target_encoder is not None else None),
+                           indent=2, sort_keys=True) + "\n")
 
 
 def write_timm(ck: Checkpoint, path: str, which: str = "context"):
-    from safetensors.torch import save_file
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = {"format": "pt", "num_heads": str(ck.arch.num_heads), "img_size": str(ck.arch.img_size),
-            "timm_model": ck.arch.timm_name(),
-            "timm_kwargs": json.dumps(timm_kwargs(ck.arch), sort_keys=True)}
+            "timm_model": ck.arch.timm_name(), "timm_kwargs": json.dumps(timm_kwargs(ck.arch), sort_keys=True)}
     if ck.target_encoder is not None:
         meta["source_encoder"] = which
-    save_file(_contiguous(ck.encoder_state(which)), path, metadata=meta)
-    _default_mode(path)
+    _save_safetensors(ck.encoder_state(which), path, meta)
 
 
 def timm_kwargs(arch: Arch) -> dict:
     """Arguments of ``timm.models.vision_transformer.VisionTransformer`` that compute exactly
     the engine encoder (per-token final norm, then mean pooling, no cls token)."""
-    return dict(img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
-                embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
-                mlp_ratio=arch.mlp_ratio, qkv_bias=True, class_token=False, global_pool="avg",
-                fc_norm=False, pre_norm=False, no_embed_class=False, dynamic_img_size=False,
-                num_classes=0)
+    return dict(img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans, embed_dim=arch.embed_dim,
+                depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=True,
+                class_token=False, global_pool="avg", fc_norm=False, pre_norm=False, no_embed_class=False,
+                dynamic_img_size=False, num_classes=0)
 
 
 def convert(input_path: str, output_path: str, to: str, src: str = "auto", which: str = "context",
@@ -516,10 +446,10 @@ def convert(input_path: str, output_path: str, to: str, src: str = "auto", which
 # ----------------------------------------------------------------------------- CLI
 def add_parser(sub):
     p = sub.add_parser("convert", help="convert between engine, reference, HuggingFace and timm checkpoints",
-                       description="Convert an I-JEPA checkpoint. engine/reference: .pth.tar files; hf: a "
-                                   "directory (config.json + model.safetensors) for transformers.IJepaModel; "
-                                   "timm: a .safetensors file for a timm vit_*_gap_* VisionTransformer. "
-                                   "Tensors are copied bit for bit.")
+                       description="Convert an I-JEPA checkpoint. engine/reference: .pth.tar files; hf: a directory "
+                                   "(config.json + model.safetensors) for transformers.IJepaModel; timm: a "
+                                   ".safetensors file for a timm vit_*_gap_* VisionTransformer. Tensors are copied "
+                                   "bit for bit.")
     p.add_argument("--input", required=True, help="checkpoint file or HF model directory")
     p.add_argument("--output", required=True, help="file (engine, reference, timm) or directory (hf)")
     p.add_argument("--to", required=True, help="engine | reference | hf | timm")
@@ -527,8 +457,7 @@ def add_parser(sub):
     p.add_argument("--encoder", default="context", choices=("target", "context"),
                    help="which encoder goes to hf/timm (default context: the 'encoder' entry, as HF's and "
                         "timm's own converters take it; target = the EMA encoder the paper evaluates)")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads, for widths that are not reference factory sizes")
+    p.add_argument("--num-heads", type=int, help="attention heads, for widths that are not reference factory sizes")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     p.set_defaults(func=_main)
     e = sub.add_parser("export", help="write any engine checkpoint (sharded ZeRO folder or file) as one .pth.tar",
@@ -548,8 +477,6 @@ def export(checkpoint: str, output: str, fmt: str = "reference") -> dict:
     """Any engine checkpoint -- a sharded ZeRO folder ``{folder}/{tag}-sharded`` (its ``latest`` tag)
     or one tag folder in it, or a single file -- as ONE file: the reference's ``.pth.tar`` layout
     (``fmt="reference"``) or the engine's, which ``ijepa train --resume`` continues from."""
-    from engine.checkpoint import Snapshot, read_latest
-    from engine.strategy import LocalStrategy
     if fmt not in ("reference", "engine"):
         raise UsageError(f"--format {fmt!r}: choose reference or engine")
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, "rank00000.pt")):

@@ -5,8 +5,6 @@ forward and backward, against the fp64 reference under the suite's rule:
 
 (tests/test_attention.py explains the rule; on a GPU the 16-bit casts round to nearest, so atol
 only absorbs summation order). The dry run uses tiny shapes and the interpreter."""
-import math
-
 import pytest
 import torch
 
