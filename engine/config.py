@@ -185,27 +185,20 @@ class IJEPAConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: Optional[dict] = None
 
-    # ---------------------------------------------------------------- loading
     @classmethod
     def from_dict(cls, d: dict | None, validate: bool = True) -> "IJEPAConfig":
         d = d or {}
         if not isinstance(d, dict):
             raise ConfigError(f"config: expected a mapping of sections, got {type(d).__name__}")
-        kwargs = {}
-        hints = typing.get_type_hints(cls)
+        kwargs, hints = {}, typing.get_type_hints(cls)
         for key, value in d.items():
             if key not in hints:
                 raise ConfigError(f"config: unknown section {key!r}; allowed: {', '.join(hints)}")
-            if key == "deepspeed":
-                if value is not None and not isinstance(value, dict):
-                    raise ConfigError("deepspeed: expected a mapping (a DeepSpeed config dict)")
-                kwargs[key] = value
-                continue
-            kwargs[key] = _build_section(key, hints[key], value)
+            if key == "deepspeed" and value is not None and not isinstance(value, dict):
+                raise ConfigError("deepspeed: expected a mapping (a DeepSpeed config dict)")
+            kwargs[key] = value if key == "deepspeed" else _build_section(key, hints[key], value)
         cfg = cls(**kwargs)
-        if validate:
-            cfg.validate()
-        return cfg
+        return cfg.validate() if validate else cfg
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] | None = None, validate: bool = True) -> "IJEPAConfig":
@@ -213,34 +206,27 @@ class IJEPAConfig:
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(path) as f:
-                d = yaml.safe_load(f)
+                d = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else "parse error"
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
-        d = d or {}
         for ov in overrides or []:
             apply_override(d, ov)
         return cls.from_dict(d, validate=validate)
 
     def to_dict(self) -> dict:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = copy.deepcopy(v) if not dataclasses.is_dataclass(v) else {
-                k: (list(x) if isinstance(x, tuple) else x) for k, x in dataclasses.asdict(v).items()}
-        return out
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: copy.deepcopy(v) if not dataclasses.is_dataclass(v) else
+                {k: (list(x) if isinstance(x, tuple) else x) for k, x in dataclasses.asdict(v).items()}
+                for name, v in sections.items()}
 
     def replace(self, **sections) -> "IJEPAConfig":
         """A copy with some keys changed, e.g. ``cfg.replace(data={"batch_size": 8})``."""
         d = self.to_dict()
         for sec, vals in sections.items():
-            if isinstance(vals, dict) and isinstance(d.get(sec), dict):
-                d[sec].update(vals)
-            else:
-                d[sec] = vals
+            d[sec] = {**d[sec], **vals} if isinstance(vals, dict) and isinstance(d.get(sec), dict) else vals
         return IJEPAConfig.from_dict(d)
 
-    # ---------------------------------------------------------------- derived
     @property
     def arch(self) -> dict:
         """The encoder's width, depth, heads and MLP ratio after overrides."""
@@ -249,13 +235,8 @@ class IJEPAConfig:
             raise ConfigError(f"meta.model_name: unknown model {name!r}; allowed: {', '.join(VIT_SIZES)}")
         dim, depth, heads, ratio = VIT_SIZES[name]
         m = self.model
-        return dict(
-            embed_dim=m.embed_dim or dim,
-            depth=m.depth or depth,
-            num_heads=m.num_heads or heads,
-            mlp_ratio=m.mlp_ratio or ratio,
-            pred_num_heads=m.pred_num_heads or m.num_heads or heads,
-        )
+        return dict(embed_dim=m.embed_dim or dim, depth=m.depth or depth, num_heads=m.num_heads or heads,
+                    mlp_ratio=m.mlp_ratio or ratio, pred_num_heads=m.pred_num_heads or m.num_heads or heads)
 
     @property
     def grid(self) -> int:
@@ -265,11 +246,10 @@ class IJEPAConfig:
     def precision(self) -> str:
         return self.train.precision or ("bf16" if self.meta.use_bfloat16 else "fp32")
 
-    # ---------------------------------------------------------------- checks
     def validate(self) -> "IJEPAConfig":
         """Raise ``ConfigError`` on the first problem; checks everything that can be checked
         before data or models are touched."""
-        d, m, o, t = self.data, self.mask, self.optimization, self.train
+        d, m, o, t, k = self.data, self.mask, self.optimization, self.train, self.kernels
         arch = self.arch
         _choice("data.dataset", d.dataset, ("imagefolder", "fmnist", "synthetic"))
         _choice("data.loader", d.loader, ("torch", "dali", "auto"))
@@ -282,33 +262,24 @@ class IJEPAConfig:
         _choice("train.nonfinite", t.nonfinite, ("skip", "stop"))
         if t.precision is not None:
             _choice("train.precision", t.precision, ("fp32", "bf16"))
-        _choice("kernels.attention", self.kernels.attention, ("auto", "triton", "xformers", "sdpa", "chunked", "naive"))
-        _choice("kernels.gather", self.kernels.gather, ("auto", "triton", "torch"))
-        _choice("kernels.ema", self.kernels.ema, ("auto", "triton", "torch", "naive"))
+        _choice("kernels.attention", k.attention, ("auto", "triton", "xformers", "sdpa", "chunked", "naive"))
+        _choice("kernels.gather", k.gather, ("auto", "triton", "torch"))
+        _choice("kernels.ema", k.ema, ("auto", "triton", "torch", "naive"))
         _choice("loss.target_norm", self.loss.target_norm, ("layer", "center", "batch"))
-        _positive("data.batch_size", d.batch_size)
-        _positive("data.crop_size", d.crop_size)
-        _positive("mask.patch_size", m.patch_size)
-        _positive("optimization.epochs", o.epochs)
-        _positive("optimization.grad_accum_steps", o.grad_accum_steps)
-        _positive("data.in_chans", d.in_chans)
+        for key, value in (("data.batch_size", d.batch_size), ("data.crop_size", d.crop_size),
+                           ("mask.patch_size", m.patch_size), ("optimization.epochs", o.epochs),
+                           ("optimization.grad_accum_steps", o.grad_accum_steps), ("data.in_chans", d.in_chans)):
+            _positive(key, value)
         if d.crop_size % m.patch_size:
             raise ConfigError(f"mask.patch_size: {m.patch_size} does not divide data.crop_size {d.crop_size}; "
                               f"pick a crop size that is a multiple of the patch size")
         if self.grid < 2:
             raise ConfigError(f"data.crop_size/mask.patch_size gives a {self.grid}x{self.grid} grid; need at least 2x2")
-        for key, pair, lo, hi in (("mask.enc_mask_scale", m.enc_mask_scale, 0.0, 1.0),
-                                  ("mask.pred_mask_scale", m.pred_mask_scale, 0.0, 1.0),
-                                  ("data.crop_scale", d.crop_scale, 0.0, 1.0)):
-            a, b = _pair(key, pair)
-            if not (lo < a <= b <= hi):
-                raise ConfigError(f"{key}: {list(pair)} must satisfy 0 < min <= max <= 1")
-        a, b = _pair("mask.aspect_ratio", m.aspect_ratio)
-        if not (0 < a <= b):
-            raise ConfigError(f"mask.aspect_ratio: {list(m.aspect_ratio)} must satisfy 0 < min <= max")
-        a, b = _pair("optimization.ema", o.ema)
-        if not (0 <= a <= b <= 1):
-            raise ConfigError(f"optimization.ema: {list(o.ema)} must satisfy 0 <= start <= end <= 1")
+        for key, pair in (("mask.enc_mask_scale", m.enc_mask_scale), ("mask.pred_mask_scale", m.pred_mask_scale),
+                          ("data.crop_scale", d.crop_scale)):
+            _check_pair(key, pair, lambda a, b: 0 < a <= b <= 1, "0 < min <= max <= 1")
+        _check_pair("mask.aspect_ratio", m.aspect_ratio, lambda a, b: 0 < a <= b, "0 < min <= max")
+        _check_pair("optimization.ema", o.ema, lambda a, b: 0 <= a <= b <= 1, "0 <= start <= end <= 1")
         _positive("mask.num_pred_masks", m.num_pred_masks)
         _positive("mask.num_enc_masks", m.num_enc_masks)
         if m.min_keep < 0:
@@ -331,13 +302,12 @@ class IJEPAConfig:
             raise ConfigError(f"model: embed_dim {arch['embed_dim']} must be divisible by 4 (2-D sin-cos positions)")
         pdim, pheads = self.meta.pred_emb_dim, arch["pred_num_heads"]
         if pdim % 4 or pdim % pheads:
-            raise ConfigError(f"meta.pred_emb_dim: {pdim} must be divisible by 4 and by the predictor's "
-                              f"{pheads} heads")
+            raise ConfigError(f"meta.pred_emb_dim: {pdim} must be divisible by 4 and by the predictor's {pheads} heads")
         _positive("meta.pred_depth", self.meta.pred_depth)
         # The reference's collator loops forever when a drawn block cannot hold more than
         # min_keep patches; reject such configs here (masks.check_mask_config does the math).
         from engine.masks import check_mask_config
-        check_mask_config(self.data.crop_size, m.patch_size, m.enc_mask_scale, m.pred_mask_scale,
+        check_mask_config(d.crop_size, m.patch_size, m.enc_mask_scale, m.pred_mask_scale,
                           m.aspect_ratio, m.min_keep, m.mode, m.num_pred_masks, m.allow_overlap)
         if d.dataset == "imagefolder":
             root = os.path.join(d.root_path, d.image_folder) if d.image_folder else d.root_path
@@ -357,7 +327,6 @@ class IJEPAConfig:
         return self
 
 
-# ---------------------------------------------------------------------- helpers
 def _choice(key, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -368,10 +337,11 @@ def _positive(key, value):
         raise ConfigError(f"{key}: {value!r} must be a positive integer")
 
 
-def _pair(key, value):
+def _check_pair(key, value, ok, rule):
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ConfigError(f"{key}: {value!r} must be a pair [min, max]")
-    return float(value[0]), float(value[1])
+    if not ok(float(value[0]), float(value[1])):
+        raise ConfigError(f"{key}: {list(value)} must satisfy {rule}")
 
 
 def _build_section(name, cls, value):
@@ -379,8 +349,7 @@ def _build_section(name, cls, value):
         return cls()
     if not isinstance(value, dict):
         raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs, hints = {}, typing.get_type_hints(cls)
     for key, v in value.items():
         if key not in hints:
             raise ConfigError(f"{name}.{key}: unknown key; allowed: {', '.join(hints)}")
@@ -388,59 +357,43 @@ def _build_section(name, cls, value):
     return cls(**kwargs)
 
 
+# type hint -> (accepted Python types, how an error names them); a bool is never a number here
+_SCALARS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+            str: ((str,), "a string"), dict: ((dict,), "a mapping"), tuple: ((list, tuple), "a list")}
+
+
 def _coerce(key, hint, v):
-    origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union and type(None) in args:
+    if typing.get_origin(hint) is typing.Union and type(None) in args:
         if v is None:
             return None
         hint = next(a for a in args if a is not type(None))
     elif v is None:
         raise ConfigError(f"{key}: null is not allowed here")
-    if hint is bool:
-        if isinstance(v, bool):
-            return v
-        raise ConfigError(f"{key}: {v!r} must be true or false")
-    if hint is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                return int(v)
-            raise ConfigError(f"{key}: {v!r} must be an integer")
-        return v
-    if hint is float:
-        if isinstance(v, str):
-            try:
-                return float(v)   # the reference writes some floats as strings ("1e-6")
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"{key}: {v!r} must be a number")
-        return float(v)
-    if hint is str:
-        if not isinstance(v, str):
-            raise ConfigError(f"{key}: {v!r} must be a string")
-        return v
+    if hint is int and isinstance(v, float) and v.is_integer():
+        return int(v)
+    if hint is float and isinstance(v, str):
+        try:
+            return float(v)   # the reference writes some floats as strings ("1e-6")
+        except ValueError:
+            pass
+    if hint in _SCALARS:
+        types, expected = _SCALARS[hint]
+        if not isinstance(v, types) or (isinstance(v, bool) and hint is not bool):
+            raise ConfigError(f"{key}: {v!r} must be {expected}")
     if hint is tuple:
-        if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"{key}: {v!r} must be a list")
         try:
             return tuple(float(x) for x in v)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: {v!r} must be a list of numbers") from None
-    if hint is dict:
-        if not isinstance(v, dict):
-            raise ConfigError(f"{key}: {v!r} must be a mapping")
-        return v
-    return v
+    return float(v) if hint is float else v
 
 
 def apply_override(d: dict, override: str) -> None:
     """Apply ``section.key=value`` (value parsed as YAML) to a raw config dict."""
-    if "=" not in override:
-        raise ConfigError(f"--override {override!r}: expected section.key=value, e.g. data.batch_size=32")
-    path, raw = override.split("=", 1)
+    path, eq, raw = override.partition("=")
     keys = path.strip().split(".")
-    if len(keys) < 2 or not all(keys):
+    if not eq or len(keys) < 2 or not all(keys):
         raise ConfigError(f"--override {override!r}: expected section.key=value, e.g. data.batch_size=32")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None

@@ -48,38 +48,23 @@ def block_size(u: float, scale, aspect, height: int, width: int, mode: str = "re
                u_aspect: float | None = None) -> tuple[int, int]:
     """Block (h, w) for a uniform draw ``u`` (and, in paper mode, a separate ``u_aspect``)."""
     min_s, max_s = scale
-    s = min_s + u * (max_s - min_s)
-    max_keep = int(height * width * s)
+    max_keep = int(height * width * (min_s + u * (max_s - min_s)))
     min_ar, max_ar = aspect
     ua = u if (mode == "reference" or u_aspect is None) else u_aspect
     ar = min_ar + ua * (max_ar - min_ar)
     h = int(round(math.sqrt(max_keep * ar)))
     w = int(round(math.sqrt(max_keep / ar)))
-    if mode == "reference":
-        # reference clamp: a block is at most (H-1) x (W-1)
-        while h >= height:
-            h -= 1
-        while w >= width:
-            w -= 1
-    else:
-        h, w = max(1, min(h, height)), max(1, min(w, width))
-    return h, w
+    if mode == "reference":   # reference clamp: a block is at most (H-1) x (W-1)
+        return min(h, height - 1), min(w, width - 1)
+    return max(1, min(h, height)), max(1, min(w, width))
 
 
-def _size_range(scale, aspect, height, width, mode):
-    """(min, max) of h*w over every size the sampler can draw (sizes are step functions of u)."""
-    areas = []
+def _smallest_block(scale, aspect, height, width, mode):
+    """Smallest h*w over every size the sampler can draw (sizes are step functions of u)."""
     n = 2001
-    for i in range(n):
-        u = i / (n - 1) if i < n - 1 else 1.0 - 1e-12
-        if mode == "reference":
-            h, w = block_size(u, scale, aspect, height, width, mode)
-            areas.append(h * w)
-        else:
-            for ua in (0.0, 0.5, 1.0 - 1e-12):
-                h, w = block_size(u, scale, aspect, height, width, mode, ua)
-                areas.append(h * w)
-    return min(areas), max(areas)
+    us = [i / (n - 1) for i in range(n - 1)] + [1.0 - 1e-12]
+    u_aspects = [None] if mode == "reference" else [0.0, 0.5, 1.0 - 1e-12]
+    return min(math.prod(block_size(u, scale, aspect, height, width, mode, ua)) for u in us for ua in u_aspects)
 
 
 def check_mask_config(input_size, patch_size, enc_mask_scale, pred_mask_scale, aspect_ratio,
@@ -90,17 +75,17 @@ def check_mask_config(input_size, patch_size, enc_mask_scale, pred_mask_scale, a
     block whose drawn size is ``h*w <= min_keep`` therefore loops forever (crop 96 / patch 16 /
     min_keep 4 hangs on a 2x2 target). Every drawable size must be large enough.
     """
-    hh, ww = (_as_pair(input_size)[0] // patch_size, _as_pair(input_size)[1] // patch_size)
-    lo, hi = _size_range(pred_mask_scale, aspect_ratio, hh, ww, mode)
+    hh, ww = (s // patch_size for s in _as_pair(input_size))
+    lo = _smallest_block(pred_mask_scale, aspect_ratio, hh, ww, mode)
     if lo <= min_keep:
         raise ConfigError(
             f"mask: target blocks on a {hh}x{ww} grid can be as small as {lo} patches, not more than "
             f"mask.min_keep={min_keep}, so sampling would never finish; lower mask.min_keep below {lo} "
             f"or raise mask.pred_mask_scale")
-    elo, _ = _size_range(enc_mask_scale, (1.0, 1.0), hh, ww, mode)
-    if elo <= min_keep:
+    lo = _smallest_block(enc_mask_scale, (1.0, 1.0), hh, ww, mode)
+    if lo <= min_keep:
         raise ConfigError(
-            f"mask: context blocks on a {hh}x{ww} grid can be as small as {elo} patches, not more than "
+            f"mask: context blocks on a {hh}x{ww} grid can be as small as {lo} patches, not more than "
             f"mask.min_keep={min_keep}; lower mask.min_keep or raise mask.enc_mask_scale")
 
 
@@ -116,16 +101,13 @@ class MultiBlockMaskSampler:
                  min_keep=4, allow_overlap=False, mode="reference", seed_offset: int = 0):
         if mode not in ("reference", "paper"):
             raise ValueError(f"mode: {mode!r}; choose 'reference' or 'paper'")
-        input_size = _as_pair(input_size)
         self.patch_size = patch_size
-        self.height, self.width = input_size[0] // patch_size, input_size[1] // patch_size
+        self.height, self.width = (s // patch_size for s in _as_pair(input_size))
         self.enc_mask_scale = tuple(enc_mask_scale)
         self.pred_mask_scale = tuple(pred_mask_scale)
         self.aspect_ratio = tuple(aspect_ratio)
         self.nenc, self.npred = nenc, npred
-        self.min_keep = min_keep
-        self.allow_overlap = allow_overlap
-        self.mode = mode
+        self.min_keep, self.allow_overlap, self.mode = min_keep, allow_overlap, mode
         self.seed_offset = seed_offset   # paper mode: lets ranks draw different positions
         self.counter = -1                # like the reference: the first batch uses seed 0
         check_mask_config(input_size, patch_size, enc_mask_scale, pred_mask_scale, aspect_ratio,
@@ -151,75 +133,63 @@ class MultiBlockMaskSampler:
         self.counter += 1
         return self.counter
 
-    # ------------------------------------------------------------------ sampling
     def _sizes(self, g: torch.Generator):
+        """(target, context) block sizes of a batch, drawn from the counter-seeded generator ``g``."""
         if self.mode == "reference":
-            u = torch.rand(1, generator=g).item()
-            p = block_size(u, self.pred_mask_scale, self.aspect_ratio, self.height, self.width)
-            u = torch.rand(1, generator=g).item()
-            e = block_size(u, self.enc_mask_scale, (1.0, 1.0), self.height, self.width)
+            u, ua = torch.rand(1, generator=g).item(), None   # one draw drives scale and aspect
         else:
             u, ua = torch.rand(2, generator=g).tolist()
-            p = block_size(u, self.pred_mask_scale, self.aspect_ratio, self.height, self.width, "paper", ua)
-            u = torch.rand(1, generator=g).item()
-            e = block_size(u, self.enc_mask_scale, (1.0, 1.0), self.height, self.width, "paper", 0.0)
+        p = block_size(u, self.pred_mask_scale, self.aspect_ratio, self.height, self.width, self.mode, ua)
+        u = torch.rand(1, generator=g).item()
+        e = block_size(u, self.enc_mask_scale, (1.0, 1.0), self.height, self.width, self.mode, 0.0)
         return p, e
+
+    def _pos_high(self, h: int, w: int) -> tuple[int, int]:
+        """Exclusive upper bounds for (top, left) of an h x w block."""
+        if self.mode == "reference":   # the reference's randint(0, H - h): never the last row/column
+            return self.height - h, self.width - w
+        return self.height - h + 1, self.width - w + 1
 
     def _block(self, size, regions, gen):
         """One block: (ascending flat indices, complement map). Redraws until > min_keep."""
         h, w = size
-        H, W = self.height, self.width
-        tries, timeout = 0, 20
-        # reference: exclusive upper bound (never the last row/column); paper: inclusive
-        hi_top, hi_left = (H - h, W - w) if self.mode == "reference" else (H - h + 1, W - w + 1)
-        attempts = 0
+        hi_top, hi_left = self._pos_high(h, w)
+        failures = 0
         while True:
             top = int(torch.randint(0, hi_top, (1,), generator=gen))
             left = int(torch.randint(0, hi_left, (1,), generator=gen))
-            mask = torch.zeros((H, W), dtype=torch.int32)
+            mask = torch.zeros((self.height, self.width), dtype=torch.int32)
             mask[top:top + h, left:left + w] = 1
             if regions is not None:
                 # the reference drops the LAST acceptable regions first after every 20 failures
-                for k in range(max(len(regions) - tries, 0)):
-                    mask *= regions[k]
+                for region in regions[:max(len(regions) - failures // 20, 0)]:
+                    mask *= region
             idx = torch.nonzero(mask.flatten()).squeeze(-1)
             if len(idx) > self.min_keep:
                 break
-            timeout -= 1
-            attempts += 1
-            if timeout == 0:
-                tries += 1
-                timeout = 20
-                log.warning("mask sampler: no valid mask found, dropping acceptable regions [%d]", tries)
-            if self.mode == "paper" and attempts > _MAX_TRIES_PAPER:
+            failures += 1
+            if failures % 20 == 0:
+                log.warning("mask sampler: no valid mask found, dropping acceptable regions [%d]", failures // 20)
+            if self.mode == "paper" and failures > _MAX_TRIES_PAPER:
                 raise RuntimeError(f"mask sampler: no block of size {h}x{w} holds more than "
-                                   f"min_keep={self.min_keep} patches after {attempts} tries")
-        comp = torch.ones((H, W), dtype=torch.int32)
+                                   f"min_keep={self.min_keep} patches after {failures} tries")
+        comp = torch.ones((self.height, self.width), dtype=torch.int32)
         comp[top:top + h, left:left + w] = 0
         return idx, comp
 
     def sample_ragged(self, batch_size: int):
         """Untruncated masks: lists (per sample) of lists (per block) of 1-D int64 tensors."""
         seed = self.step()
-        g = torch.Generator()
-        g.manual_seed(seed)
-        p_size, e_size = self._sizes(g)
-        if self.mode == "reference":
-            pos_gen = None   # the global RNG, as the reference does
-        else:
-            pos_gen = torch.Generator()
-            pos_gen.manual_seed(((seed + 1) * 1_000_003 + self.seed_offset) % (2 ** 63))
+        p_size, e_size = self._sizes(torch.Generator().manual_seed(seed))
+        pos_gen = None   # reference: the global RNG, as the reference does
+        if self.mode == "paper":
+            pos_gen = torch.Generator().manual_seed(((seed + 1) * 1_000_003 + self.seed_offset) % (2 ** 63))
         enc, pred = [], []
         for _ in range(batch_size):
-            masks_p, comps = [], []
-            for _ in range(self.npred):
-                idx, comp = self._block(p_size, None, pos_gen)
-                masks_p.append(idx)
-                comps.append(comp)
-            regions = None if self.allow_overlap else comps
-            masks_e = [self._block(e_size, regions, pos_gen)[0] for _ in range(self.nenc)]
-            pred.append(masks_p)
-            enc.append(masks_e)
+            targets = [self._block(p_size, None, pos_gen) for _ in range(self.npred)]
+            regions = None if self.allow_overlap else [comp for _, comp in targets]
+            pred.append([idx for idx, _ in targets])
+            enc.append([self._block(e_size, regions, pos_gen)[0] for _ in range(self.nenc)])
         return enc, pred
 
     def __call__(self, batch_size: int):
@@ -233,10 +203,7 @@ def collate_truncated(per_sample: list[list[torch.Tensor]]) -> list[torch.Tensor
     Indices are ascending, so truncation keeps the lowest flat indices (the reference's quirk).
     """
     k = min(len(m) for ms in per_sample for m in ms)
-    nblocks = len(per_sample[0])
-    return [torch.stack([ms[j][:k] for ms in per_sample]) for j in range(nblocks)]
-
-
+    return [torch.stack([ms[j][:k] for ms in per_sample]) for j in range(len(per_sample[0]))]
 
 
 class VectorizedMaskSampler(MultiBlockMaskSampler):
@@ -309,28 +276,27 @@ class VectorizedMaskSampler(MultiBlockMaskSampler):
             i = torch.arange(n + 1)
             return (i[None, :, None] <= torch.arange(n)) & (torch.arange(n) < i[None, :, None] + i[:, None, None])
 
-        dev = self.device
+        dev, span_r, span_c = self.device, spans(H), spans(W)
         weights = 1 << torch.arange(npred)
         return dict(lut=lut.to(dev), plane=plane.to(dev), shift=shift.to(dev), field=(1 << bits) - 1,
                     keep_mask=keep_mask.to(dev), planes=planes,
-                    span_r=spans(H).to(dev), span_c=spans(W).to(dev), pos=torch.arange(H * W, device=dev),
+                    span_r=span_r.to(dev), span_c=span_c.to(dev), pos=torch.arange(H * W, device=dev),
                     # bits[size][j, start] = span with target j's bit set (int16 wraps bit 15 harmlessly)
-                    bits_r=(spans(H)[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
-                    bits_c=(spans(W)[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
+                    bits_r=(span_r[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
+                    bits_c=(span_c[:, None] * weights[:, None, None]).to(torch.int16).to(dev),
                     target_index=torch.arange(npred, device=dev),
                     count_dtype=torch.int16 if H * W < 2 ** 15 else torch.int32)
-
-    def _pos_high(self, h: int, w: int) -> tuple[int, int]:
-        """Exclusive upper bounds for (top, left) of an h x w block."""
-        if self.mode == "reference":   # the reference's randint(0, H - h): never the last row/column
-            return self.height - h, self.width - w
-        return self.height - h + 1, self.width - w + 1
 
     def _generator(self, seed: int) -> torch.Generator:
         if self._pos_gen is None:   # one generator object, reseeded per batch (creating one costs more)
             self._pos_gen = torch.Generator(device=self.device)
         self._pos_gen.manual_seed(((seed + 1) * 2_147_483_647 + self.seed_offset * 1_000_003 + 0x5EED) % (2 ** 63))
         return self._pos_gen
+
+    def _rects(self, top, left, h: int, w: int):
+        """h x w rectangles at corners ``top``, ``left`` (same shape ``[...]``) as bool maps ``[..., H*W]``."""
+        tb = self._tables
+        return (tb["span_r"][h][top][..., :, None] & tb["span_c"][w][left][..., None, :]).flatten(-2)
 
     def sample_maps(self, batch_size: int):
         """Untruncated context masks as bool maps ``[nenc, B, H*W]`` with their patch counts
@@ -345,22 +311,17 @@ class VectorizedMaskSampler(MultiBlockMaskSampler):
                                f"min_keep={self.min_keep} patches")
         gen = self._generator(seed)
         tb = self._tables
-        span_r, span_c = tb["span_r"], tb["span_c"]   # span[h][t] = which rows/cols [t, t+h) covers
         hi_t, hi_l = self._pos_high(ph, pw)
         top = torch.randint(0, hi_t, (B, npred), generator=gen, device=dev)
         left = torch.randint(0, hi_l, (B, npred), generator=gen, device=dev)
         hi_t, hi_l = self._pos_high(eh, ew)
         fallbacks = 0
-
-        def rect(t, l):   # [B] corners of the context block -> [B, H*W] bool
-            return (span_r[eh][t][:, :, None] & span_c[ew][l][:, None, :]).view(B, H * W)
-
         enc_maps = []
         if self.allow_overlap:
             for _ in range(self.nenc):
                 et = torch.randint(0, hi_t, (B,), generator=gen, device=dev)
                 el = torch.randint(0, hi_l, (B,), generator=gen, device=dev)
-                enc_maps.append(rect(et, el))
+                enc_maps.append(self._rects(et, el, eh, ew))
             counts = torch.full((self.nenc, B), eh * ew, device=dev)
             return torch.stack(enc_maps), counts, (top, left), (ph, pw), fallbacks
 
@@ -399,31 +360,23 @@ class VectorizedMaskSampler(MultiBlockMaskSampler):
                 if level_box is None:
                     # every level's overlap from one integral image of bit-packed indicators
                     packed = tb["lut"].index_select(1, cover.view(-1).long() & 0xFFFF).view(-1, B, H, W)
-                    lb = box_sums(packed)                                                       # [P, B, corners]
-                    level_box = lb.transpose(0, 1)[:, tb["plane"][1:]]                          # [B, npred, corners]
-                L1 = npred   # levels 1..npred: 20 fresh draws each, as after every 20 failures
-                ct2 = torch.randint(0, hi_t, (B, L1, R), generator=gen, device=dev)
-                cl2 = torch.randint(0, hi_l, (B, L1, R), generator=gen, device=dev)
+                    level_box = box_sums(packed).transpose(0, 1)[:, tb["plane"][1:]]           # [B, npred, corners]
+                # levels 1..npred: 20 fresh draws each, as after every 20 failures
+                ct2 = torch.randint(0, hi_t, (B, npred, R), generator=gen, device=dev)
+                cl2 = torch.randint(0, hi_l, (B, npred, R), generator=gen, device=dev)
                 over = (torch.gather(level_box, 2, ct2 * box_w + cl2) >> tb["shift"][1:, None]) & tb["field"]
-                over = over.view(B, L1 * R)
-                valid2 = over < limit
+                over = over.view(B, npred * R)
                 # the last level forbids nothing, so it is always valid and argmax finds a True
-                first2 = torch.argmax(valid2.to(torch.uint8), dim=1, keepdim=True)
+                first2 = torch.argmax((over < limit).to(torch.uint8), dim=1, keepdim=True)
                 et = torch.where(ok, et, ct2.view(B, -1).gather(1, first2).squeeze(1))
                 el = torch.where(ok, el, cl2.view(B, -1).gather(1, first2).squeeze(1))
                 level = torch.where(ok, 0, 1 + first2.squeeze(1) // R)
                 overlap = torch.where(ok, overlap, over.gather(1, first2).squeeze(1).to(overlap.dtype))
                 allowed = (cover & tb["keep_mask"][level].view(B, 1, 1)) == 0
                 fallbacks += int((~ok).sum())
-            enc_maps.append(rect(et, el) & allowed.view(B, H * W))
+            enc_maps.append(self._rects(et, el, eh, ew) & allowed.view(B, H * W))
             counts.append(eh * ew - overlap)
         return torch.stack(enc_maps), torch.stack(counts), (top, left), (ph, pw), fallbacks
-
-    def _target_maps(self, top, left, size):
-        """Target rectangles as bool maps ``[npred, B, H*W]``."""
-        tb = self._tables
-        m = tb["span_r"][size[0]][top][..., :, None] & tb["span_c"][size[1]][left][..., None, :]
-        return m.view(top.shape[0], self.npred, -1).transpose(0, 1)
 
     def _sample(self, batch_size: int):
         enc_maps, counts, (top, left), (ph, pw), fallbacks = self.sample_maps(batch_size)
@@ -435,10 +388,10 @@ class VectorizedMaskSampler(MultiBlockMaskSampler):
                         "min_keep=%d patches", fallbacks, self.min_keep)
         # the first k_enc kept patches of every row, ascending (masked_select is row-major)
         keep = enc_maps & (enc_maps.cumsum(-1, dtype=torch.int16) <= k_enc)
-        pos = self._tables["pos"].expand_as(keep)
-        masks_enc = list(pos.masked_select(keep).view(self.nenc, B, k_enc).unbind(0))
+        pos = self._tables["pos"]
+        masks_enc = list(pos.expand_as(keep).masked_select(keep).view(self.nenc, B, k_enc).unbind(0))
         # targets are unconstrained rectangles: their ascending indices follow from the corner
-        offsets = (self._tables["pos"][:ph, None] * W + self._tables["pos"][:pw]).view(-1)
+        offsets = (pos[:ph, None] * W + pos[:pw]).view(-1)
         pred = (top * W + left)[..., None] + offsets                           # [B, npred, ph*pw]
         return masks_enc, list(pred.transpose(0, 1).unbind(0))
 
@@ -460,12 +413,11 @@ class VectorizedMaskSampler(MultiBlockMaskSampler):
 
     def sample_ragged(self, batch_size: int):
         """Untruncated masks, [sample][block] lists of 1-D index tensors (for packed predictors)."""
-        enc_maps, _, (top, left), size, fallbacks = self.sample_maps(batch_size)
+        enc_maps, _, (top, left), (ph, pw), fallbacks = self.sample_maps(batch_size)
         self.last_fallbacks = fallbacks
-        pred_maps = self._target_maps(top, left, size)
+        pred_maps = self._rects(top, left, ph, pw).transpose(0, 1)   # [npred, B, H*W]
 
         def split(maps):   # [nblocks, B, HW] -> per block a tuple of B index tensors
             return [torch.split(m.nonzero()[:, 1], m.sum(-1).tolist()) for m in maps]
 
-        enc, pred = split(enc_maps), split(pred_maps)
-        return [list(x) for x in zip(*enc)], [list(x) for x in zip(*pred)]
+        return [list(x) for x in zip(*split(enc_maps))], [list(x) for x in zip(*split(pred_maps))]

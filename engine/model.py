@@ -14,8 +14,8 @@ Batch layout conventions (the reference's):
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,13 +41,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
         raise ValueError(f"embed_dim {embed_dim} must be divisible by 4")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
-
-    def one_axis(pos):
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
+    grid = np.arange(grid_size, dtype=np.float64)
+    cols, rows = (np.einsum("m,d->md", pos.reshape(-1), omega) for pos in np.meshgrid(grid, grid))
+    table = np.concatenate([np.sin(cols), np.cos(cols), np.sin(rows), np.cos(rows)], axis=1)
     return torch.from_numpy(table).float()
 
 
@@ -56,9 +52,8 @@ def repeat_interleave_batch(x: torch.Tensor, batch: int, repeat: int) -> torch.T
     [c0, c1] -> [c0, c0, c1, c1] for repeat 2."""
     if repeat == 1:
         return x
-    n = x.shape[0] // batch
-    return x.reshape(n, 1, batch, *x.shape[1:]).expand(n, repeat, batch, *x.shape[1:]).reshape(
-        n * repeat * batch, *x.shape[1:])
+    n, rest = x.shape[0] // batch, x.shape[1:]
+    return x.reshape(n, 1, batch, *rest).expand(n, repeat, batch, *rest).reshape(n * repeat * batch, *rest)
 
 
 # ----------------------------------------------------------------- ViT building blocks
@@ -85,7 +80,7 @@ class Attention(nn.Module):
     def forward(self, x, keep_from: int | None = None, packed=None):
         """``keep_from``: only rows ``keep_from:`` are wanted downstream, so the output projection
         runs on those rows only (every row still serves as key/value).
-        ``packed=(cu_seqlens, max_seqlen)``: ``x`` is ``[T, C]``, sequences back to back, each token
+        ``packed=(cu_seqlens, max_seqlen, seqlens)``: ``x`` is ``[T, C]``, sequences back to back, each token
         attending only within its own sequence (no padding, no truncation)."""
         if packed is not None:
             T, C = x.shape
@@ -95,9 +90,7 @@ class Attention(nn.Module):
             return self.proj(x.reshape(T, C))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        x = katt.attention(q, k, v, backend=self.backend, scale=self.scale)
-        x = x.transpose(1, 2)
+        x = katt.attention(qkv[0], qkv[1], qkv[2], backend=self.backend, scale=self.scale).transpose(1, 2)
         if keep_from is not None:
             x = x[:, keep_from:]
         return self.proj(x.reshape(B, -1, C))
@@ -116,9 +109,8 @@ class Block(nn.Module):
     checkpointed = False   # recompute activations in backward (saves memory, costs a forward)
 
     def forward(self, x, keep_from: int | None = None, packed=None):
-        """``keep_from``: return only rows ``keep_from:``; the rows before it still serve as
-        keys/values but their own query, projection and MLP are never computed.
-        ``packed``: see ``Attention.forward``."""
+        """``keep_from``: return only rows ``keep_from:``; the rows before it serve as keys/values
+        only (no projection, residual or MLP for them). ``packed``: see ``Attention.forward``."""
         if self.checkpointed and torch.is_grad_enabled():
             # preserve_rng_state would save the global RNG here and RESTORE it in the backward
             # recompute, rewinding the reference-mode mask draws the data thread makes meanwhile;
@@ -151,28 +143,25 @@ def _trunc_normal_(t: torch.Tensor, std: float = 0.02, lo: float = -2.0, hi: flo
     ``nn.init.trunc_normal_`` switched to rejection sampling and draws different numbers).
     The bounds are ABSOLUTE (+-2), so with std 0.02 the draw is effectively untruncated.
     """
-    def cdf(x):
-        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
-    a, b = cdf(lo / std), cdf(hi / std)
-    t.uniform_(2 * a - 1, 2 * b - 1)
-    t.erfinv_()
-    t.mul_(std * math.sqrt(2.0))
-    t.add_(0.0)
+    a, b = ((1.0 + math.erf(x / math.sqrt(2.0))) / 2.0 for x in (lo / std, hi / std))   # normal CDF
+    t.uniform_(2 * a - 1, 2 * b - 1).erfinv_().mul_(std * math.sqrt(2.0)).add_(0.0)
     return t.clamp_(min=lo, max=hi)
+
+
+def _init(m: nn.Module, std: float, trunc_normal=(nn.Linear,)):
+    if isinstance(m, trunc_normal):
+        _trunc_normal_(m.weight, std)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
 
 
 def _ctor_init(module: nn.Module, blocks, std=0.02):
     """First init pass (the reference's constructors): trunc-normal Linear/Conv, LN 1/0,
     then divide each block's proj/fc2 weight by sqrt(2*layer)."""
-    def init(m):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            _trunc_normal_(m.weight, std)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-    module.apply(init)
+    module.apply(lambda m: _init(m, std, (nn.Linear, nn.Conv2d)))
     with torch.no_grad():
         for layer_id, blk in enumerate(blocks, start=1):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
@@ -183,21 +172,17 @@ def _reinit(module: nn.Module, std=0.02):
     """Second pass (the reference's ``init_model``): every Linear and LayerNorm again, which
     undoes the depth rescale; Conv2d and mask_token keep their first-pass values."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            _trunc_normal_(m.weight, std)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        _init(m, std)
 
 
-def _set_backends(module, blocks, attention=None, gather=None):
-    for blk in blocks:
-        if attention is not None:
-            blk.attn.backend = attention
+def _set_backends(self, attention=None, gather=None):
+    """``set_backends`` of the encoder and the predictor: every block's attention, the gather."""
+    if attention is not None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = attention
     if gather is not None:
-        module.gather_backend = gather
+        self.gather_backend = gather
 
 
 # ----------------------------------------------------------------- encoder / predictor
@@ -212,34 +197,29 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        n = self.patch_embed.num_patches
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, int(n ** 0.5)).unsqueeze(0),
-                                      requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(embed_dim, int(self.patch_embed.num_patches ** 0.5)).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, eps, attn_backend)
                                      for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.gather_backend = gather_backend
         _ctor_init(self, self.blocks)
 
-    def set_backends(self, attention=None, gather=None):
-        _set_backends(self, self.blocks, attention, gather)
+    set_backends = _set_backends
 
     def forward(self, x, masks=None):
         x = self.patch_embed(x)
         if masks is None:
             x = x + self.pos_embed
-        else:
-            if not isinstance(masks, (list, tuple)):
-                masks = [masks]
-            # (x + pos)[idx] == x[idx] + pos[idx]: gather and add in one pass
-            x = kgather.gather_tokens(x, list(masks), pos=self.pos_embed, backend=self.gather_backend)
+        else:   # (x + pos)[idx] == x[idx] + pos[idx]: gather and add in one pass
+            x = kgather.gather_tokens(x, _as_list(masks), pos=self.pos_embed, backend=self.gather_backend)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
 
     def forward_packed(self, x, batch_idx, token_idx, packed):
         """Context tokens of ragged masks, packed: rows ``(batch_idx[t], token_idx[t])`` of the
-        patch grid, sequences delimited by ``packed=(cu_seqlens, max_seqlen)`` -> ``[T, D]``."""
+        patch grid, sequences delimited by ``packed=(cu_seqlens, max_seqlen, seqlens)`` -> ``[T, D]``."""
         x = self.patch_embed(x)[batch_idx, token_idx] + self.pos_embed[0, token_idx]
         for blk in self.blocks:
             x = blk(x, packed=packed)
@@ -265,12 +245,10 @@ class VisionTransformerPredictor(nn.Module):
         _trunc_normal_(self.mask_token.data)   # before the module pass: RNG order of the reference
         _ctor_init(self, self.predictor_blocks)
 
-    def set_backends(self, attention=None, gather=None):
-        _set_backends(self, self.predictor_blocks, attention, gather)
+    set_backends = _set_backends
 
     def forward(self, x, masks_x, masks):
-        masks_x = list(masks_x) if isinstance(masks_x, (list, tuple)) else [masks_x]
-        masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+        masks_x, masks = _as_list(masks_x), _as_list(masks)
         B = len(x) // len(masks_x)
         x = self.predictor_embed(x)
         x += kgather.gather_tokens(None, masks_x, pos=self.predictor_pos_embed, backend=self.gather_backend)
@@ -279,8 +257,7 @@ class VisionTransformerPredictor(nn.Module):
         pos_embs = repeat_interleave_batch(pos_embs, B, repeat=len(masks_x))
         pred_tokens = self.mask_token.repeat(pos_embs.size(0), pos_embs.size(1), 1)
         pred_tokens += pos_embs
-        x = x.repeat(len(masks), 1, 1)
-        x = torch.cat([x, pred_tokens], dim=1)
+        x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
         last = len(self.predictor_blocks) - 1
         for i, blk in enumerate(self.predictor_blocks):
             # only the query tokens' outputs are used: in the last block the context rows are
@@ -288,8 +265,7 @@ class VisionTransformerPredictor(nn.Module):
             x = blk(x, keep_from=n_ctx if (i == last and self.skip_unused_rows) else None)
         if not self.skip_unused_rows or last < 0:
             x = x[:, n_ctx:]
-        x = self.predictor_norm(x)
-        return self.predictor_proj(x)
+        return self.predictor_proj(self.predictor_norm(x))
 
     def forward_packed(self, z, layout):
         """Predictions for ragged masks. ``z``: packed context-encoder output; ``layout``: a
@@ -302,8 +278,7 @@ class VisionTransformerPredictor(nn.Module):
         x = torch.cat([x, queries], 0)[layout.seq_rows]
         for blk in self.predictor_blocks:
             x = blk(x, packed=layout.pred_packed)
-        x = self.predictor_norm(x[layout.query_rows])
-        return self.predictor_proj(x)
+        return self.predictor_proj(self.predictor_norm(x[layout.query_rows]))
 
 
 class PackedLayout:
@@ -321,44 +296,38 @@ class PackedLayout:
 
     def __init__(self, masks_enc, masks_pred, device=None):
         B, nenc, npred = len(masks_enc), len(masks_enc[0]), len(masks_pred[0])
-        lens_c = [[len(masks_enc[b][j]) for b in range(B)] for j in range(nenc)]
-        lens_p = [[len(masks_pred[b][i]) for b in range(B)] for i in range(npred)]
-        cat = lambda ts: torch.cat([t.cpu().long() for t in ts])  # noqa: E731
-        # context tokens, ordered (j, b): the encoder sees one sequence per (context block, sample)
-        self.ctx_tokens = cat([masks_enc[b][j] for j in range(nenc) for b in range(B)])
-        self.ctx_batch = torch.cat([torch.full((lens_c[j][b],), b, dtype=torch.long)
-                                    for j in range(nenc) for b in range(B)])
-        self.enc_packed = _cu([lens_c[j][b] for j in range(nenc) for b in range(B)])
-        # target queries, ordered (i, b)
-        self.pred_tokens = cat([masks_pred[b][i] for i in range(npred) for b in range(B)])
-        pred_batch = torch.cat([torch.full((lens_p[i][b],), b, dtype=torch.long)
-                                for i in range(npred) for b in range(B)])
-        ctx_start = _starts([lens_c[j][b] for j in range(nenc) for b in range(B)])
-        q_start = _starts([lens_p[i][b] for i in range(npred) for b in range(B)])
-        n_ctx = sum(sum(l) for l in lens_c)
+        # context blocks ordered (j, b): the encoder sees one sequence per (context block, sample);
+        # target blocks ordered (i, b). Sequence s of either list is sample s % B's.
+        ctx = [masks_enc[b][j] for j in range(nenc) for b in range(B)]
+        pred = [masks_pred[b][i] for i in range(npred) for b in range(B)]
+        lens_c, lens_p = [len(t) for t in ctx], [len(t) for t in pred]
+        self.ctx_tokens, self.pred_tokens = (torch.cat([t.cpu().long() for t in ts]) for ts in (ctx, pred))
+        self.ctx_batch, pred_batch = (torch.cat([torch.full((n,), s % B, dtype=torch.long) for s, n in enumerate(lens)])
+                                      for lens in (lens_c, lens_p))
+        self.enc_packed = _cu(lens_c)
+        ctx_start, q_start = ([0, *itertools.accumulate(lens)][:-1] for lens in (lens_c, lens_p))
+        n_ctx = sum(lens_c)
         rows, qrows, tgt, seq_lens, pos = [], [], [], [], 0
-        for i in range(npred):            # predictor sequences, ordered (i, j, b)
-            for j in range(nenc):
-                for b in range(B):
-                    lc, lp = lens_c[j][b], lens_p[i][b]
-                    cs, qs = ctx_start[j * B + b], n_ctx + q_start[i * B + b]
-                    rows += [torch.arange(cs, cs + lc), torch.arange(qs, qs + lp)]
-                    qrows.append(torch.arange(pos + lc, pos + lc + lp))
-                    tgt.append(torch.arange(q_start[i * B + b], q_start[i * B + b] + lp))
-                    seq_lens.append(lc + lp)
-                    pos += lc + lp
+        # predictor sequences, ordered (i, j, b)
+        for i, j, b in itertools.product(range(npred), range(nenc), range(B)):
+            c, p = j * B + b, i * B + b
+            lc, lp, cs, qs = lens_c[c], lens_p[p], ctx_start[c], q_start[p]
+            rows += [torch.arange(cs, cs + lc), torch.arange(n_ctx + qs, n_ctx + qs + lp)]
+            qrows.append(torch.arange(pos + lc, pos + lc + lp))
+            tgt.append(torch.arange(qs, qs + lp))
+            seq_lens.append(lc + lp)
+            pos += lc + lp
         self.seq_rows, self.query_rows = torch.cat(rows), torch.cat(qrows)
         self.pred_packed = _cu(seq_lens)
         # targets in prediction order (i, j, b, token): rows of the [B, N] target map
         tgt = torch.cat(tgt)
         self.target_batch, self.target_tokens = pred_batch[tgt], self.pred_tokens[tgt]
         self.mean_ctx = n_ctx / (B * nenc)
-        self.mean_pred = sum(sum(l) for l in lens_p) / (B * npred)
+        self.mean_pred = sum(lens_p) / (B * npred)
         if device is not None:
             self.to(device)
 
-    _TABLES = ("ctx_tokens", "ctx_batch", "pred_tokens", "seq_rows", "query_rows", "target_batch",
-               "target_tokens")
+    _TABLES = ("ctx_tokens", "ctx_batch", "pred_tokens", "seq_rows", "query_rows", "target_batch", "target_tokens")
 
     def to(self, device) -> "PackedLayout":
         device = torch.device(device)
@@ -369,14 +338,6 @@ class PackedLayout:
         self.enc_packed = (move(self.enc_packed[0]),) + self.enc_packed[1:]
         self.pred_packed = (move(self.pred_packed[0]),) + self.pred_packed[1:]
         return self
-
-
-def _starts(lens):
-    out, acc = [], 0
-    for n in lens:
-        out.append(acc)
-        acc += n
-    return out
 
 
 def _cu(lens):
@@ -414,8 +375,7 @@ class IJEPA(nn.Module):
         super().__init__()
         from engine.config import IJEPAConfig
         self.cfg = cfg = cfg if cfg is not None else IJEPAConfig()
-        a = cfg.arch
-        a.update(arch)
+        a = {**cfg.arch, **arch}
         att, gat = cfg.kernels.attention, cfg.kernels.gather
         self.ema_backend = cfg.kernels.ema
         self.encoder = VisionTransformer(
@@ -433,8 +393,7 @@ class IJEPA(nn.Module):
             with torch.no_grad():
                 self.encoder.patch_embed.proj.weight.mul_(cfg.model.patch_embed_std / 0.02)
         self.target_encoder = copy.deepcopy(self.encoder)
-        for p in self.target_encoder.parameters():
-            p.requires_grad_(False)
+        self.target_encoder.requires_grad_(False)
         self.target_stats_across_ranks = False   # loss.target_norm center/batch: global-batch statistics
         if cfg.train.activation_checkpointing:
             for blk in list(self.encoder.blocks) + list(self.predictor.predictor_blocks):
@@ -445,9 +404,8 @@ class IJEPA(nn.Module):
     def compile_blocks(self):
         """Regional compilation: each block is compiled once and reused by every layer, with the
         token dimension dynamic so changing mask sizes do not recompile every step."""
-        for blocks in (self.encoder.blocks, self.predictor.predictor_blocks, self.target_encoder.blocks):
-            for blk in blocks:
-                blk.compile(dynamic=True)
+        for blk in [*self.encoder.blocks, *self.predictor.predictor_blocks, *self.target_encoder.blocks]:
+            blk.compile(dynamic=True)
 
     def set_backends(self, attention=None, gather=None, ema=None):
         for m in (self.encoder, self.predictor, self.target_encoder):
@@ -491,9 +449,12 @@ class IJEPA(nn.Module):
     # -------------------------------------------------------------- forward
     @torch.no_grad()
     def targets(self, images, masks_enc, masks_pred):
+        """Target features in the predictions' order (packed ``[T, D]`` for a ``PackedLayout``)."""
         h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm,
                                  self.target_stats_across_ranks)
         # LayerNorm without affine (eps 1e-5) of the already-normed output, then the target blocks
+        if isinstance(masks_enc, PackedLayout):
+            return F.layer_norm(h, (h.size(-1),), eps=1e-5)[masks_enc.target_batch, masks_enc.target_tokens]
         h = kgather.gather_layernorm(h, list(masks_pred), eps=1e-5, backend=self.encoder.gather_backend)
         return repeat_interleave_batch(h, len(images), repeat=len(masks_enc))
 
@@ -507,24 +468,16 @@ class IJEPA(nn.Module):
         is the padded one, token for token."""
         if is_ragged(masks_enc):
             masks_enc = PackedLayout(masks_enc, masks_pred, images.device)
-        if isinstance(masks_enc, PackedLayout):
-            lay = masks_enc
-            with record_function("ijepa::target_forward"), torch.no_grad():
-                h = normalise_over_batch(self.target_encoder(images), self.cfg.loss.target_norm,
-                                         self.target_stats_across_ranks)
-                h = F.layer_norm(h, (h.size(-1),), eps=1e-5)[lay.target_batch, lay.target_tokens]
-            with record_function("ijepa::context_forward"):
-                z = self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed)
-            with record_function("ijepa::predictor"):
-                z = self.predictor.forward_packed(z, lay)
-        else:
+        lay = masks_enc if isinstance(masks_enc, PackedLayout) else None
+        if lay is None:
             masks_enc, masks_pred = _as_list(masks_enc), _as_list(masks_pred)
-            with record_function("ijepa::target_forward"):
-                h = self.targets(images, masks_enc, masks_pred)
-            with record_function("ijepa::context_forward"):
-                z = self.encoder(images, masks_enc)
-            with record_function("ijepa::predictor"):
-                z = self.predictor(z, masks_enc, masks_pred)
+        with record_function("ijepa::target_forward"):
+            h = self.targets(images, masks_enc, masks_pred)
+        with record_function("ijepa::context_forward"):
+            z = (self.encoder(images, masks_enc) if lay is None
+                 else self.encoder.forward_packed(images, lay.ctx_batch, lay.ctx_tokens, lay.enc_packed))
+        with record_function("ijepa::predictor"):
+            z = self.predictor(z, masks_enc, masks_pred) if lay is None else self.predictor.forward_packed(z, lay)
         with record_function("ijepa::loss"):
             loss = F.smooth_l1_loss(z, h)
         return (loss, z, h) if parts else loss
@@ -532,7 +485,6 @@ class IJEPA(nn.Module):
     def forward_parts(self, images, masks_enc, masks_pred=None):
         return self.forward(images, masks_enc, masks_pred, parts=True)
 
-    # -------------------------------------------------------------- EMA
     @torch.no_grad()
     def update_target(self, momentum):
         """target = m * target + (1 - m) * encoder over ALL parameters (frozen pos_embed too),
@@ -542,7 +494,6 @@ class IJEPA(nn.Module):
         self._ema.backend = self.ema_backend
         self._ema(self.target_encoder.parameters(), self.encoder.parameters(), momentum)
 
-    # -------------------------------------------------------------- optimiser groups
     def param_groups(self):
         """The reference's four AdamW groups (``param_group_names``)."""
         params = {f"{part}.{n}": p for part in ("encoder", "predictor")
@@ -567,7 +518,7 @@ class IJEPA(nn.Module):
         if missing:
             raise KeyError(f"reference checkpoint lacks {missing}; expected keys encoder, predictor, target_encoder")
         for name in ("encoder", "predictor", "target_encoder"):
-            sd = ckpt.get(name, ckpt["encoder"] if name == "target_encoder" else None)
+            sd = ckpt.get(name, ckpt["encoder"])   # only target_encoder may be missing (checked above)
             getattr(self, name).load_state_dict(strip_module_prefix(sd), strict=strict)
 
 
@@ -591,14 +542,13 @@ def normalise_over_batch(h: torch.Tensor, mode: str, across_ranks: bool = False)
     if mode == "layer":
         return h
     hf = h.float()
-    n = hf.shape[0]
 
     def batch_mean(x):
-        x, count = x.sum(0, keepdim=True), n
+        x, count = x.sum(0, keepdim=True), x.shape[0]
         if across_ranks:
             import torch.distributed as dist
             dist.all_reduce(x)
-            count = n * dist.get_world_size()
+            count *= dist.get_world_size()
         return x / count
 
     hf = hf - batch_mean(hf)
@@ -608,21 +558,20 @@ def normalise_over_batch(h: torch.Tensor, mode: str, across_ranks: bool = False)
 
 
 def strip_module_prefix(sd: dict) -> dict:
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def _as_list(m):
     return list(m) if isinstance(m, (list, tuple)) else [m]
 
 
-def build_model(cfg, device: Optional[torch.device] = None) -> IJEPA:
+def build_model(cfg, device: torch.device | None = None) -> IJEPA:
     """Seed-then-build, so the weights are a function of ``cfg.train.seed`` alone. On a GPU the
     attention backends are resolved here (measured once per device and shape class)."""
     torch.manual_seed(cfg.train.seed)
     model = IJEPA(cfg)
-    if device is None:
-        return model
-    model = model.to(device)
-    if torch.device(device).type == "cuda":
-        model.resolve_attention(measure=True)
+    if device is not None:
+        model = model.to(device)
+        if torch.device(device).type == "cuda":
+            model.resolve_attention(measure=True)
     return model

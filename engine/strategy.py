@@ -40,7 +40,7 @@ def check_supported(cfg, backend: str) -> None:
             raise ConfigError(f"{key}={got!r} is not supported under {backend}: {why}")
 
 
-def build_optimizer(model, cfg, device):
+def build_optimizer(model, cfg):
     """The reference's four AdamW groups. ``optimization.fused_optimizer`` (default): one fused
     kernel per step that also skips a non-finite step on the device (no host sync); off: torch's
     default AdamW, whose skip decision needs one host sync per step."""
@@ -109,7 +109,7 @@ class LocalStrategy(Strategy):
         self.cfg, self.device, self.precision = cfg, torch.device(device), cfg.precision
         self.model = build_model(cfg, self.device) if model is None else model
         self.accum = cfg.optimization.grad_accum_steps
-        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         self.fused = bool(self.optimizer.defaults.get("fused"))
         self._one = torch.ones((), device=device)

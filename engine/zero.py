@@ -183,12 +183,6 @@ class _Target:
         self._ema = kema.EMAPlan(ema_backend)
         self._ema_frozen = kema.EMAPlan(ema_backend)
 
-    def shard(self) -> dict:
-        raise NotImplementedError
-
-    def load_full(self, full: dict) -> None:
-        raise NotImplementedError
-
 
 class ReplicatedTarget(_Target):
     """Every rank holds the whole target. fp32 runs: the module is the fp32 master. bf16 runs:
@@ -413,10 +407,8 @@ class Zero3Target(_Target):
 
     def _sources(self):
         from deepspeed.utils import safe_get_local_fp32_param
-        out = []
-        for n, e in zip(self.names, self.e):
-            out.append(self.frozen_src[n] if n in self.frozen_src else safe_get_local_fp32_param(e))
-        return out
+        return [self.frozen_src.get(n) if n in self.frozen_src else safe_get_local_fp32_param(e)
+                for n, e in zip(self.names, self.e)]
 
     @torch.no_grad()
     def update(self, m):
@@ -497,7 +489,7 @@ class ZeroStrategy(Strategy):
         # fp32 EMA source, as in the reference
         frozen_fp32 = {n: p.detach().clone() for n, p in model.encoder.named_parameters() if not p.requires_grad}
         self.param_names = param_group_names(dict(_named(model)))
-        optimizer = build_optimizer(model, cfg, self.device)
+        optimizer = build_optimizer(model, cfg)
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         except (ValueError, AssertionError, TypeError) as e:

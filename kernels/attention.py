@@ -49,6 +49,9 @@ working on Triton 3.9 where ``tl.make_block_ptr`` is gone):
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -61,8 +64,8 @@ import triton.language as tl
 
 from kernels.dispatch import BackendUnavailable, select, why_unavailable
 
-__all__ = ["attention", "attention_backend", "choose_attention", "attention_chunked", "attention_naive", "aot_specs", "SUPPORTED_HEAD_DIMS",
-           "BackendUnavailable"]
+__all__ = ["attention", "attention_backend", "choose_attention", "attention_chunked", "attention_naive", "aot_specs",
+           "SUPPORTED_HEAD_DIMS", "BackendUnavailable"]
 
 _ALLOWED = ("triton", "xformers", "sdpa", "chunked", "naive")
 
@@ -326,6 +329,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 # ------------------------------------------------------------------------------------ launchers
+_KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
 # Allocation hook: tests replace it with a NaN-filling allocator to prove every output element
 # that should be written is written.
 _empty = torch.empty
@@ -341,44 +345,38 @@ def _alloc_like_out(q: torch.Tensor) -> torch.Tensor:
 
 
 def _lse_shape(q: torch.Tensor) -> tuple[int, ...]:
-    if q.dim() == 4:
-        B, H, N, _ = q.shape
-        return (B, H, N)
-    T, H, _ = q.shape
-    return (H, T)
+    return tuple(q.shape[:3]) if q.dim() == 4 else (q.shape[1], q.shape[0])
 
 
-def _seq_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(per-sequence, per-head, per-token) element strides. Packed tensors have no sequence
-    stride: a sequence's first token comes from cu_seqlens."""
-    if x.dim() == 4:
-        return x.stride(0), x.stride(1), x.stride(2)
-    return 0, x.stride(1), x.stride(0)
+def _strides(*xs: torch.Tensor) -> list[int]:
+    """(per-sequence, per-head, per-token) element strides of each tensor, flattened. Packed
+    tensors have no sequence stride: a sequence's first token comes from cu_seqlens."""
+    return [s for x in xs for s in ((x.stride(0), x.stride(1), x.stride(2)) if x.dim() == 4
+                                    else (0, x.stride(1), x.stride(0)))]
 
 
 def _lse_strides(lse: torch.Tensor) -> tuple[int, int]:
-    if lse.dim() == 3:
-        return lse.stride(0), lse.stride(1)
-    return 0, lse.stride(0)
+    return (lse.stride(0), lse.stride(1)) if lse.dim() == 3 else (0, lse.stride(0))
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _unit_last(*xs: torch.Tensor):
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-_DUMMY_CU: dict[torch.device, torch.Tensor] = {}
+@functools.lru_cache(maxsize=None)
+def _dummy_cu(device: torch.device) -> torch.Tensor:
+    return torch.zeros(2, dtype=torch.int32, device=device)
 
 
 def _launch_geometry(q, cu_seqlens, max_seqlen):
-    """(number of sequences, heads, dense length or 0, max length, varlen flag, cu tensor)."""
+    """(number of sequences, heads, dense length or 0, max length, varlen flag, cu tensor), or None
+    when there is nothing to compute."""
     if cu_seqlens is None:
         B, H, N, _ = q.shape
-        cu = _DUMMY_CU.get(q.device)
-        if cu is None:
-            cu = _DUMMY_CU[q.device] = torch.zeros(2, dtype=torch.int32, device=q.device)
-        return B, H, N, N, 0, cu
-    _, H, _ = q.shape
-    return cu_seqlens.numel() - 1, H, 0, max_seqlen, 1, cu_seqlens
+        geometry = B, H, N, N, 0, _dummy_cu(q.device)
+    else:
+        geometry = cu_seqlens.numel() - 1, q.shape[1], 0, max_seqlen, 1, cu_seqlens
+    return geometry if geometry[0] * geometry[1] > 0 and geometry[3] > 0 else None
 
 
 def _device_guard(x: torch.Tensor):
@@ -386,55 +384,38 @@ def _device_guard(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale):
-    with _device_guard(q):
-        return _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale)
-
-
-def _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    with _device_guard(q):
-        return _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+def _launch(kname, tensors, stats, geometry, scale):
+    """One kernel over (sequence x head, row block): ``tensors`` are the [.., N, d] operands in
+    the kernel's argument order, ``stats`` the fp32 per-row log-sum-exp (and delta)."""
+    Z, H, n_dense, max_len, varlen, cu = geometry
+    d = tensors[0].shape[-1]
+    t = _tile(tensors[0].dtype, d, kname)
+    # forward / dQ own a query block, dK/dV a key block
+    rows = t.block_n if kname == "bwd_dkdv" else t.block_m
+    _KERNELS[kname][(Z * H, triton.cdiv(max_len, rows))](
+        *tensors, *stats, cu, scale, n_dense, H, varlen, *_strides(*tensors), *_lse_strides(stats[0]),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    d = q.shape[-1]
-    Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
-    o = _alloc_like_out(q)
-    lse = _empty(_lse_shape(q), dtype=torch.float32, device=q.device)
-    if Z * H == 0 or max_len == 0:
-        return o, lse
-    t = _tile(q.dtype, d, "fwd")
-    grid = (Z * H, triton.cdiv(max_len, t.block_m))
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu, scale, n_dense, H, varlen,
-        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(o), *_lse_strides(lse),
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-        num_warps=t.num_warps, num_stages=t.num_stages)
+    q, k, v = _unit_last(q, k, v)
+    geometry = _launch_geometry(q, cu_seqlens, max_seqlen)
+    o, lse = _alloc_like_out(q), _empty(_lse_shape(q), dtype=torch.float32, device=q.device)
+    if geometry is not None:
+        _launch("fwd", (q, k, v, o), (lse,), geometry, scale)
     return o, lse
 
 
 def _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    do, q, k, v, o = (_unit_last(x) for x in (do, q, k, v, o))
-    d = q.shape[-1]
-    Z, H, n_dense, max_len, varlen, cu = _launch_geometry(q, cu_seqlens, max_seqlen)
+    do, q, k, v, o = _unit_last(do, q, k, v, o)
+    geometry = _launch_geometry(q, cu_seqlens, max_seqlen)
     dq, dk, dv = _alloc_like_out(q), _alloc_like_out(k), _alloc_like_out(v)
-    if Z * H == 0 or max_len == 0:
+    if geometry is None:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
-    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d))
-    t = _tile(q.dtype, d, "bwd_dq")
-    _attn_bwd_dq_kernel[(Z * H, triton.cdiv(max_len, t.block_m))](
-        q, k, v, o, do, dq, lse, delta, cu, scale, n_dense, H, varlen,
-        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(o),
-        *_seq_strides(do), *_seq_strides(dq), *_lse_strides(lse),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
-    t = _tile(q.dtype, d, "bwd_dkdv")
-    _attn_bwd_dkdv_kernel[(Z * H, triton.cdiv(max_len, t.block_n))](
-        q, k, v, do, dk, dv, lse, delta, cu, scale, n_dense, H, varlen,
-        *_seq_strides(q), *_seq_strides(k), *_seq_strides(v), *_seq_strides(do),
-        *_seq_strides(dk), *_seq_strides(dv), *_lse_strides(lse),
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages, **common)
+    _launch("bwd_dq", (q, k, v, o, do, dq), (lse, delta), geometry, scale)
+    _launch("bwd_dkdv", (q, k, v, do, dk, dv), (lse, delta), geometry, scale)
     return dq, dk, dv
 
 
@@ -444,7 +425,8 @@ def _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
 @torch.library.custom_op("ijepa::flash_attn_fwd", mutates_args=())
 def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                   max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _flash_fwd_impl(q, k, v, cu_seqlens, max_seqlen, scale)
+    with _device_guard(q):
+        return _flash_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 @_flash_fwd_op.register_fake
@@ -457,7 +439,8 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _flash_bwd_impl(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+    with _device_guard(q):
+        return _flash_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
 
 
 @_flash_bwd_op.register_fake
@@ -486,13 +469,14 @@ _flash_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 def _bounds(cu_seqlens, seqlens):
     """(start, end) of every packed sequence, from host lengths when the caller has them (reading
     ``cu_seqlens`` back would wait for the device)."""
-    if seqlens is None:
-        seqlens = cu_seqlens.diff().tolist()
-    out, a = [], 0
-    for n in seqlens:
-        out.append((a, a + n))
-        a += n
-    return out
+    ends = list(itertools.accumulate(cu_seqlens.diff().tolist() if seqlens is None else seqlens))
+    return list(zip([0] + ends, ends))
+
+
+def _per_sequence(fn, q, k, v, bounds):
+    """``fn`` on each packed sequence's [H, n, d] slices, outputs packed back to [total, H, d]."""
+    outs = [fn(*(x[a:b].transpose(0, 1) for x in (q, k, v))).transpose(0, 1) for a, b in bounds]
+    return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
 def attention_naive(q, k, v, scale=None, cu_seqlens=None, seqlens=None):
@@ -502,11 +486,7 @@ def attention_naive(q, k, v, scale=None, cu_seqlens=None, seqlens=None):
     if cu_seqlens is None:
         attn = (q @ k.transpose(-2, -1)) * scale
         return attn.softmax(dim=-1) @ v
-    outs = []
-    for a, b in _bounds(cu_seqlens, seqlens):
-        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))      # [H, n, d]
-        outs.append(attention_naive(qs, ks, vs, scale).transpose(0, 1))
-    return torch.cat(outs, 0) if outs else torch.empty_like(q)
+    return _per_sequence(lambda *qkv: attention_naive(*qkv, scale), q, k, v, _bounds(cu_seqlens, seqlens))
 
 
 CHUNK_BYTES = 32 << 20   # fp32 scores per chunk: 218 slices of 196 x 196 (ViT-B/16, 12 heads, batch 18)
@@ -525,7 +505,6 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, save):
-        shape = q.shape
         q3, k3, v3 = (x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1]) for x in (q, k, v))
         qs = q3 * scale
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -541,17 +520,16 @@ class _ChunkedAttention(torch.autograd.Function):
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if save:
             ctx.save_for_backward(qs, k3, v3, lse)
-        ctx.scale, ctx.shape = scale, shape
-        return out.view(shape)
+        ctx.scale, ctx.shape = scale, q.shape
+        return out.view(q.shape)
 
     @staticmethod
     def backward(ctx, do):
         qs, k3, v3, lse = ctx.saved_tensors
         do3 = do.reshape(qs.shape).to(qs.dtype)
         acc = lse.dtype
-        chunks = _chunks(qs.shape[0], qs.shape[1], qs.shape[1])
         grads = [[], [], []]
-        for a, b in chunks:
+        for a, b in _chunks(qs.shape[0], qs.shape[1], qs.shape[1]):
             s = torch.bmm(qs[a:b], k3[a:b].transpose(1, 2))
             p = torch.sub(s, lse[a:b].unsqueeze(-1)).exp_()          # fp32 (type promotion)
             grads[2].append(torch.bmm(p.to(qs.dtype).transpose(1, 2), do3[a:b]))
@@ -571,9 +549,8 @@ def attention_chunked(q, k, v, scale=None, cu_seqlens=None, seqlens=None):
     with torch.autocast(q.device.type, enabled=False):   # dtypes are chosen inside; no autocast casts
         if cu_seqlens is None:
             return _ChunkedAttention.apply(q, k, v, scale, save)
-        outs = [_ChunkedAttention.apply(*(x[a:b].transpose(0, 1) for x in (q, k, v)), scale, save).transpose(0, 1)
-                for a, b in _bounds(cu_seqlens, seqlens) if b > a]
-    return torch.cat(outs, 0) if outs else torch.empty_like(q)
+        return _per_sequence(lambda *qkv: _ChunkedAttention.apply(*qkv, scale, save), q, k, v,
+                             [(a, b) for a, b in _bounds(cu_seqlens, seqlens) if b > a])
 
 
 def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen, seqlens=None):
@@ -582,26 +559,19 @@ def _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen, seqlens=None):
     # Packed: jagged nested tensors ([S, j, H, d] -> [S, H, j, d]); runs on CPU and CUDA, with
     # autograd to the packed values, and never builds a T x T mask.
     offsets = cu_seqlens.to(torch.int64)
-    min_len = min(seqlens) if seqlens else (int(offsets.diff().min()) if offsets.numel() > 1 else 0)
-
-    def nest(x):
-        return torch.nested.nested_tensor_from_jagged(x, offsets, min_seqlen=min_len,
-                                                      max_seqlen=max_seqlen).transpose(1, 2)
-    out = F.scaled_dot_product_attention(nest(q), nest(k), nest(v), scale=scale)
-    return out.transpose(1, 2).values()
+    min_len = min(seqlens) if seqlens else int(offsets.diff().min())
+    q, k, v = (torch.nested.nested_tensor_from_jagged(x, offsets, min_seqlen=min_len, max_seqlen=max_seqlen)
+               .transpose(1, 2) for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).values()
 
 
 def _attention_xformers(q, k, v, scale, cu_seqlens, seqlens=None):
     import xformers.ops as xops
     if cu_seqlens is None:                       # xformers wants [B, N, H, d]
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              scale=scale)
-        return out.transpose(1, 2)
+        return xops.memory_efficient_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=scale).transpose(1, 2)
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
     bias = BlockDiagonalMask.from_seqlens(seqlens if seqlens is not None else cu_seqlens.diff().tolist())
-    out = xops.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                          attn_bias=bias, scale=scale)
-    return out.squeeze(0)
+    return xops.memory_efficient_attention(*(x.unsqueeze(0) for x in (q, k, v)), attn_bias=bias, scale=scale).squeeze(0)
 
 
 # ------------------------------------------------------------------------------------ entry points
@@ -662,15 +632,12 @@ def _time_fwd_bwd(backend, device, head_dim, dtype, packed, seqlen, tokens=1 << 
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
     cu = torch.arange(0, seqs * n + 1, n, device=device, dtype=torch.int32) if packed else None
     kw = dict(cu_seqlens=cu, max_seqlen=n, seqlens=[n] * seqs) if packed else {}
-
-    def step():
-        out = attention(q, k, v, backend=backend, **kw)
-        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     times = []
     for i in range(13):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        step()
+        out = attention(q, k, v, backend=backend, **kw)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         end.record()
         torch.cuda.synchronize(device)
         if i >= 3:
@@ -681,7 +648,6 @@ def _time_fwd_bwd(backend, device, head_dim, dtype, packed, seqlen, tokens=1 << 
 def measured_backend(key: str, candidates: dict, timer) -> tuple[str, str]:
     """The fastest of ``candidates`` (``{backend: None or why it cannot run}``) for ``key``, timed
     once with ``timer(backend) -> ms`` and kept in the table file; ``(backend, why)``."""
-    import json
     path = table_path()
     try:
         with open(path) as f:
@@ -723,8 +689,7 @@ def choose_attention(device, requested: str, head_dim: int, dtype: torch.dtype, 
     if requested != "auto" or device.type != "cuda" or seqlen is None or os.environ.get("IJEPA_ATTENTION_BACKEND"):
         chosen = attention_backend(device, requested, head_dim, dtype, packed)
         return chosen, "requested" if requested != "auto" else "the static rule (no shape to measure)"
-    triton_why = triton_supports(head_dim, dtype, device)
-    candidates = {"triton": triton_why or why_unavailable("triton", device),
+    candidates = {"triton": triton_supports(head_dim, dtype, device) or why_unavailable("triton", device),
                   "xformers": why_unavailable("xformers", device), "sdpa": None}
     key = (f"{torch.cuda.get_device_name(device)}|d{head_dim}|{str(dtype)[6:]}|{'packed' if packed else 'dense'}"
            f"|n{shape_class(seqlen)}")
@@ -741,19 +706,17 @@ def _check_inputs(q, k, v, cu_seqlens):
         if q.dim() != 4:
             raise ValueError(f"dense attention takes [B, H, N, d]; got shape {tuple(q.shape)} "
                              "(packed [total, H, d] needs cu_seqlens)")
-    else:
-        if q.dim() != 3:
-            raise ValueError(f"packed attention takes [total_tokens, H, d]; got shape {tuple(q.shape)}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1]")
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
-        # On CUDA this check would cost a device sync per call, so there cu_seqlens is trusted.
-        if cu_seqlens.device.type == "cpu":
-            if (cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]
-                    or (cu_seqlens.numel() > 1 and bool((cu_seqlens.diff() < 0).any()))):
-                raise ValueError(f"cu_seqlens must rise from 0 to total_tokens={q.shape[0]}; "
-                                 f"got {cu_seqlens.tolist()}")
+        return
+    if q.dim() != 3:
+        raise ValueError(f"packed attention takes [total_tokens, H, d]; got shape {tuple(q.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [S+1]")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    # On CUDA this check would cost a device sync per call, so there cu_seqlens is trusted.
+    if cu_seqlens.device.type == "cpu" and (cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]
+                                            or bool((cu_seqlens.diff() < 0).any())):
+        raise ValueError(f"cu_seqlens must rise from 0 to total_tokens={q.shape[0]}; got {cu_seqlens.tolist()}")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
@@ -768,37 +731,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Opt
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     b = attention_backend(q.device, backend, head_dim=q.shape[-1], dtype=q.dtype, packed=cu_seqlens is not None)
     if cu_seqlens is not None:
-        if cu_seqlens.dtype != torch.int32:
-            cu_seqlens = cu_seqlens.to(torch.int32)
+        cu_seqlens = cu_seqlens.to(torch.int32)
         if max_seqlen is None:
-            max_seqlen = max(seqlens) if seqlens else (int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0)
+            max_seqlen = max(seqlens) if seqlens else int(cu_seqlens.diff().max())   # >= 2 entries (checked)
         max_seqlen = int(max_seqlen)
     if b == "triton":
-        return _flash_fwd_op(q, k, v, cu_seqlens, max_seqlen if max_seqlen is not None else q.shape[2],
-                             scale)[0]
+        return _flash_fwd_op(q, k, v, cu_seqlens, q.shape[2] if max_seqlen is None else max_seqlen, scale)[0]
     if b == "sdpa":
         return _attention_sdpa(q, k, v, scale, cu_seqlens, max_seqlen, seqlens)
-    if b == "xformers":
-        return _attention_xformers(q, k, v, scale, cu_seqlens, seqlens)
-    if b == "chunked":
-        return attention_chunked(q, k, v, scale, cu_seqlens, seqlens)
-    return attention_naive(q, k, v, scale, cu_seqlens, seqlens)
+    run = {"xformers": _attention_xformers, "chunked": attention_chunked, "naive": attention_naive}[b]
+    return run(q, k, v, scale, cu_seqlens, seqlens)
 
 
 # ------------------------------------------------------------------------------------ AOT specs
-_STRIDES = {
-    "fwd": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn", "s_oz", "s_oh", "s_on"],
-    "bwd_dq": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn", "s_oz", "s_oh", "s_on",
-               "s_doz", "s_doh", "s_don", "s_dqz", "s_dqh", "s_dqn"],
-    "bwd_dkdv": ["s_qz", "s_qh", "s_qn", "s_kz", "s_kh", "s_kn", "s_vz", "s_vh", "s_vn",
-                 "s_doz", "s_doh", "s_don", "s_dkz", "s_dkh", "s_dkn", "s_dvz", "s_dvh", "s_dvn"],
-}
-_TENSORS = {
-    "fwd": ["Q", "K", "V", "O"],
-    "bwd_dq": ["Q", "K", "V", "O", "DO", "DQ"],
-    "bwd_dkdv": ["Q", "K", "V", "DO", "DK", "DV"],
-}
-_KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel}
+_FIXED_TYPES = {"LSE": "*fp32", "DELTA": "*fp32", "CU_SEQLENS": "*i32", "sm_scale": "fp32"}
 
 
 def aot_specs() -> list[dict]:
@@ -814,24 +760,11 @@ def aot_specs() -> list[dict]:
     for (dt, d), tiles in CONFIGS.items():
         for kname, kernel in _KERNELS.items():
             t = tiles[kname]
-            sig = {n: f"*{dt}" for n in _TENSORS[kname]}
-            sig.update({"LSE": "*fp32"})
-            if kname != "fwd":
-                sig["DELTA"] = "*fp32"
-            sig["CU_SEQLENS"] = "*i32"
-            sig.update({"sm_scale": "fp32", "seqlen_dense": "i32", "n_heads": "i32", "varlen": "i32"})
-            sig.update({s: "i32" for s in _STRIDES[kname]})
-            sig.update({"s_lz": "i32", "s_lh": "i32"})
-            # keep the kernel's argument order
-            sig = {a: sig[a] for a in kernel.arg_names if a in sig}
-            specs.append(dict(
-                name=f"attn_{kname}_{dt}_d{d}",
-                kernel=kernel,
-                signature=sig,
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n),
-                num_warps=t.num_warps,
-                num_stages=t.num_stages,
-                div16=[a for a in sig if sig[a].startswith("*")] + list(_STRIDES[kname]),
-                uses_mma=True,
-            ))
+            constexprs = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=t.block_m, BLOCK_N=t.block_n)
+            # data pointers take the dtype; scalars and strides are lower case
+            sig = {a: _FIXED_TYPES.get(a, "i32" if a.islower() else f"*{dt}")
+                   for a in kernel.arg_names if a not in constexprs}
+            div16 = [a for a in sig if sig[a][0] == "*" or (a.startswith("s_") and a not in ("s_lz", "s_lh"))]
+            specs.append(dict(name=f"attn_{kname}_{dt}_d{d}", kernel=kernel, signature=sig, constexprs=constexprs,
+                              num_warps=t.num_warps, num_stages=t.num_stages, div16=div16, uses_mma=True))
     return specs

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib
+import itertools
 import json
 import math
 import os
@@ -31,11 +33,17 @@ import time
 from collections import defaultdict
 
 import torch
-from torch.profiler import record_function
+from torch.profiler import ProfilerActivity, record_function
 
 from engine.config import IJEPAConfig
-from engine.strategy import resolve_device
-from engine.errors import UsageError
+from engine.errors import DataError, UsageError
+from engine.masks import MultiBlockMaskSampler
+from engine.schedules import Schedules
+from engine.strategy import LocalStrategy, resolve_device
+from engine.tools.flops import (device_peak_tflops, flops_from_config, format_table, is_paper_vith14, mfu,
+                                paper_reference_figure, sample_masks)
+from engine.tools.refharness import ReferenceRunner, check_buildable, load_reference
+from engine.train import build_loader, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Schedules need an epoch length; both sides get the same one, so lr/wd/momentum agree.
@@ -48,33 +56,28 @@ PROBE_MARK = "IJEPA_PROBE "
 LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
 
 
-# ===================================================================== provenance
 def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "unknown"
 
 
 def git_commit(root: str = ROOT) -> str:
+    def git(*cmd) -> str:
+        return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        sha = git("rev-parse", "--short=12", "HEAD")
         if not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def run_meta(device: torch.device, threads: int, command: str) -> dict:
-    dev = "cpu"
-    if device.type == "cuda":
-        dev = f"cuda ({torch.cuda.get_device_name(device)})"
+    dev = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     return {"device": dev, "cpu_model": cpu_model(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -87,11 +90,39 @@ def meta_lines(meta: dict) -> list[str]:
             f"command: {meta['command']}"]
 
 
-# ===================================================================== setup
-def load_config(args, synthetic: bool) -> IJEPAConfig:
-    """The config with the command's overrides; ``synthetic``: images come from the harness."""
-    cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
-    d = cfg.to_dict()
+def _header(title: str, meta: dict) -> list[str]:
+    return [f"## {title}", ""] + [f"- {x}" for x in meta_lines(meta)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(masks, device):
+    return [m.to(device) for m in masks]
+
+
+def step_inputs(cfg, masks: list, seed: int, device):
+    """(images, masks_enc, masks_pred) per batch of masks; standard normal images, fixed by seed and step."""
+    shape = (cfg.data.batch_size, cfg.data.in_chans, cfg.data.crop_size, cfg.data.crop_size)
+    for i, (me, mp) in enumerate(masks):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        yield torch.randn(*shape, generator=g).to(device), to_device(me, device), to_device(mp, device)
+
+
+def alternating(items: list, i: int) -> list:
+    """Reversed on odd steps, so neither side always runs on a cache warmed by the other."""
+    return items if i % 2 == 0 else items[::-1]
+
+
+def prepare(args, synthetic: bool):
+    """``bench e2e``/``profile`` setup, a bad reference path failing before any work: (cfg with the command's
+    overrides, device, threads, reference or None, meta); ``synthetic``: images come from the harness."""
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError("--steps must be >= 1 and --warmup >= 0")
+    reference = load_reference(args.reference) if args.reference is not None else None
+    d = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False).to_dict()
     if synthetic:
         d["data"]["dataset"] = "synthetic"
     if d["logging"]["folder"].startswith("$"):
@@ -101,87 +132,51 @@ def load_config(args, synthetic: bool) -> IJEPAConfig:
     if args.precision is not None:
         d["train"]["precision"] = args.precision
     d["train"]["progress"] = False
-    return IJEPAConfig.from_dict(d)   # validates
-
-
-def setup_threads(args, cfg) -> int:
+    cfg = IJEPAConfig.from_dict(d)   # validates
+    device = resolve_device(args.device, "--device")
     threads = args.threads or cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    return threads
+    if reference is not None:
+        check_buildable(cfg, reference)
+    return cfg, device, threads, reference, run_meta(device, threads, args.command_line)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def sample_masks(cfg, batch: int, n: int, seed: int):
-    """``n`` batches of (masks_enc, masks_pred); reference-mode placement draws from the global
-    RNG, so it is seeded here and restored afterwards (same masks in every process)."""
-    from engine.masks import MultiBlockMaskSampler
-    sampler = MultiBlockMaskSampler.from_config(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return [sampler(batch) for _ in range(n)]
-
-
-def make_images(cfg, batch: int, i: int, seed: int, device) -> torch.Tensor:
-    g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + i)
-    s = cfg.data.crop_size
-    return torch.randn(batch, cfg.data.in_chans, s, s, generator=g).to(device)
-
-
-def to_device(masks, device):
-    return [m.to(device) for m in masks]
-
-
-# ===================================================================== the engine side
 class EngineRunner:
     """The engine's one-process strategy; ``step`` is ``engine.train.train_step`` itself."""
 
     name = "engine"
 
-    def __init__(self, cfg, device, precision: str, ipe: int, ref_state: dict | None = None):
-        from engine.schedules import Schedules
-        from engine.strategy import LocalStrategy
+    def __init__(self, cfg, device, ipe: int, ref_state: dict | None = None):
         self.cfg = cfg
         self.strategy = LocalStrategy(cfg, device)
-        self.model = self.strategy.model
         if ref_state is not None:
-            self.model.load_reference_state_dict(ref_state)
+            self.strategy.model.load_reference_state_dict(ref_state)
         self.sched = Schedules.from_config(cfg, ipe)
         self.k = 0
 
     def step(self, images, masks_enc, masks_pred) -> float:
-        from engine.train import train_step
-        k = self.k
+        k, self.k = self.k, self.k + 1
         loss, _skipped = train_step(
             self.strategy, [(images, masks_enc, masks_pred)], lr=self.sched.lr(k), wd=self.sched.wd(k),
             momentum=self.sched.momentum(k), clip_grad=self.cfg.optimization.clip_grad,
             nonfinite=self.cfg.train.nonfinite)
-        self.k += 1
         with record_function("ijepa::loss_read"):
             return float(loss)
 
 
-def build_runners(cfg, device, precision, reference, seed):
-    """(engine, reference or None); the engine starts from the reference's initial weights."""
-    ref = None
-    if reference is not None:
-        from engine.tools.refharness import ReferenceRunner
-        ref = ReferenceRunner(reference, cfg, device, precision, BENCH_IPE, seed)
-    eng = EngineRunner(cfg, device, precision, BENCH_IPE, ref.state_dicts() if ref else None)
-    return eng, ref
+def build_runners(cfg, device, precision, reference, seed) -> list:
+    """[engine] or [engine, reference]; the engine starts from the reference's initial weights."""
+    if reference is None:
+        return [EngineRunner(cfg, device, BENCH_IPE)]
+    ref = ReferenceRunner(reference, cfg, device, precision, BENCH_IPE, seed)
+    return [EngineRunner(cfg, device, BENCH_IPE, ref.state_dicts()), ref]
 
 
-# ===================================================================== memory probes
 def _status_kb(key: str) -> float | None:
-    with contextlib.suppress(OSError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return float(line.split()[1])
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
     return None
 
 
@@ -201,22 +196,18 @@ def probe_main(spec_json: str) -> int:
     torch.set_num_threads(spec["threads"])
     cfg = IJEPAConfig.from_dict(spec["cfg"])
     device = torch.device(spec["device"])
-    batch, seed, n = cfg.data.batch_size, spec["seed"], spec["steps"]
-    masks = sample_masks(cfg, batch, n, seed)
-    if spec["side"] == "reference":
-        from engine.tools.refharness import ReferenceRunner, load_reference
-        runner = ReferenceRunner(load_reference(spec["reference"]), cfg, device, cfg.precision, BENCH_IPE, seed)
-    else:
-        runner = EngineRunner(cfg, device, cfg.precision, BENCH_IPE)
-    inputs = [(make_images(cfg, batch, i, seed, device), to_device(masks[i][0], device),
-               to_device(masks[i][1], device)) for i in range(n)]
+    seed, n = spec["seed"], spec["steps"]
+    masks = sample_masks(cfg, cfg.data.batch_size, n, seed)
+    runner = (ReferenceRunner(load_reference(spec["reference"]), cfg, device, cfg.precision, BENCH_IPE, seed)
+              if spec["side"] == "reference" else EngineRunner(cfg, device, BENCH_IPE))
+    inputs = list(step_inputs(cfg, masks, seed, device))
     gc.collect()
     out = {"side": spec["side"], "steps": n}
+    sync(device)
     if device.type == "cuda":
-        sync(device)
         out["cuda_resident_mib"] = torch.cuda.memory_allocated(device) / 2 ** 20
         torch.cuda.reset_peak_memory_stats(device)
-    rss0 = _status_kb("VmRSS")
+    rss0 = _status_kb("VmRSS") or 0
     reset = _reset_peak_rss()
     for imgs, me, mp in inputs:
         runner.step(imgs, me, mp)
@@ -225,47 +216,44 @@ def probe_main(spec_json: str) -> int:
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         out["cuda_peak_above_resident_mib"] = out["cuda_peak_mib"] - out["cuda_resident_mib"]
     peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out["rss_before_mib"] = (rss0 or 0) / 1024
-    out["peak_rss_mib"] = peak / 1024
-    out["peak_rss_above_build_mib"] = (peak - (rss0 or 0)) / 1024
-    out["rss_method"] = ("VmHWM after resetting it via /proc/self/clear_refs once the model was built"
-                         if reset else "ru_maxrss (peak since process start; reset unavailable)")
+    out |= {"rss_before_mib": rss0 / 1024, "peak_rss_mib": peak / 1024,
+            "peak_rss_above_build_mib": (peak - rss0) / 1024,
+            "rss_method": ("VmHWM after resetting it via /proc/self/clear_refs once the model was built"
+                           if reset else "ru_maxrss (peak since process start; reset unavailable)")}
     print(PROBE_MARK + json.dumps(out), flush=True)
     return 0
 
 
 def memory_probe(side: str, cfg, device, threads: int, seed: int, steps: int, reference_path=None,
                  timeout: float = 1800) -> dict:
-    """Peak memory of one side, measured in a fresh process that holds only that side.
-
-    Running each side alone is what makes the number attributable: in the timing process both
-    models (and the allocator's cache of both) are resident at once.
-    """
+    """Peak memory of one side, measured in a fresh process that holds only that side. Running each side
+    alone is what makes the number attributable: in the timing process both models (and the allocator's
+    cache of both) are resident at once."""
+    print(f"memory probe: {side} ({steps} steps in a fresh process)", file=sys.stderr, flush=True)
     spec = {"side": side, "cfg": cfg.to_dict(), "device": str(device), "threads": threads, "seed": seed,
             "steps": steps, "reference": reference_path}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["OMP_NUM_THREADS"] = str(threads)
     code = "import sys; from engine.tools.bench import probe_main; sys.exit(probe_main(sys.argv[1]))"
     try:
-        p = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
-                           cwd=ROOT, env=env, timeout=timeout)
+        p = run_python(["-c", code, json.dumps(spec)], timeout, OMP_NUM_THREADS=str(threads))
     except subprocess.TimeoutExpired:
         return {"error": f"memory probe timed out after {timeout:.0f} s"}
     for line in reversed(p.stdout.splitlines()):
         if line.startswith(PROBE_MARK):
             return json.loads(line[len(PROBE_MARK):])
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"error": f"memory probe failed (exit {p.returncode}): {tail}"}
+    return {"error": f"memory probe failed (exit {p.returncode}): {last_line(p.stderr)}"}
 
 
-def peak_mib(mem: dict, device) -> float | None:
-    if not mem or "error" in mem:
-        return None
-    return mem.get("cuda_peak_mib") if device.type == "cuda" else mem.get("peak_rss_above_build_mib")
+def run_python(argv: list, timeout: float, **env) -> subprocess.CompletedProcess:
+    """This interpreter on ``argv`` in the repository, with the engine importable and ``env`` set."""
+    env = dict(os.environ, **env)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
-# ===================================================================== formatting helpers
+def last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["no output"])[-1]
+
+
 def md_table(headers, rows, align=None) -> str:
     align = align or ["l"] + ["r"] * (len(headers) - 1)
     out = ["| " + " | ".join(headers) + " |",
@@ -275,24 +263,21 @@ def md_table(headers, rows, align=None) -> str:
 
 
 def _f(v, fmt="{:.1f}", none="n/a"):
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return none
-    return fmt.format(v)
-
-
-def _stats(ts: list[float]) -> dict:
-    if not ts:
-        return {}
-    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-    return {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2], "min_s": min(ts), "max_s": max(ts),
-            "n": len(ts)}
+    return none if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
 def _write(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(text)
+
+
+def _emit(args, rep: dict, md: str) -> None:
+    print(md)
+    if args.json:
+        _write(args.json, json.dumps(rep, indent=2))
+    if args.markdown:
+        _write(args.markdown, md + "\n")
 
 
 def _describe(cfg) -> str:
@@ -304,41 +289,22 @@ def _describe(cfg) -> str:
             f"precision {cfg.precision}")
 
 
-# ===================================================================== bench e2e
 def run_e2e(args) -> int:
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    reference = None
-    if args.reference is not None:
-        from engine.tools.refharness import load_reference
-        reference = load_reference(args.reference)   # bad path: one line, before any work
-    cfg = load_config(args, synthetic=True)
-    device = resolve_device(args.device, "--device")
-    threads = setup_threads(args, cfg)
-    if reference is not None:
-        from engine.tools.refharness import check_buildable
-        check_buildable(cfg, reference)
+    cfg, device, threads, reference, meta = prepare(args, synthetic=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # the reference's train.py turns it on
     precision, batch, seed = cfg.precision, cfg.data.batch_size, args.seed
     total = args.warmup + args.steps
-    meta = run_meta(device, threads, args.command_line)
-
     t0 = time.perf_counter()
     masks = sample_masks(cfg, batch, total, seed)
     mask_ms = 1000 * (time.perf_counter() - t0) / total
-    eng, ref = build_runners(cfg, device, precision, reference, seed)
-    runners = [eng] + ([ref] if ref else [])
+    runners = build_runners(cfg, device, precision, reference, seed)
     times = {r.name: [] for r in runners}
     losses = {r.name: [] for r in runners}
-    jit_warm = {}
-    for i in range(total):
+    for i, (imgs, me, mp) in enumerate(step_inputs(cfg, masks, seed, device)):
         if i == args.warmup:
             jit_warm = jit_compilations()
-        imgs = make_images(cfg, batch, i, seed, device)
-        me, mp = to_device(masks[i][0], device), to_device(masks[i][1], device)
-        # swap the order every step so neither side always runs on a cache warmed by the other
-        for r in (runners if i % 2 == 0 else runners[::-1]):
+        for r in alternating(runners, i):
             sync(device)
             t = time.perf_counter()
             loss = r.step(imgs, me, mp)
@@ -349,28 +315,17 @@ def run_e2e(args) -> int:
               + ", ".join(f"{n} {times[n][-1] * 1000:.0f} ms loss {losses[n][-1]:.6f}" for n in times),
               file=sys.stderr, flush=True)
     jit_after = jit_compilations()
-    k_ctx = statistics.mean(m[0][0].shape[1] for m in masks)
-    k_pred = statistics.mean(m[1][0].shape[1] for m in masks)
-    del eng, ref, runners
+    k_ctx = statistics.mean(enc[0].shape[1] for enc, _ in masks)
+    k_pred = statistics.mean(pred[0].shape[1] for _, pred in masks)
+    del runners
     gc.collect()
-
-    memory = {}
-    if not args.no_memory:
-        for side in ["engine"] + (["reference"] if reference else []):
-            print(f"memory probe: {side} ({args.warmup + args.mem_steps} steps in a fresh process)",
-                  file=sys.stderr, flush=True)
-            memory[side] = memory_probe(side, cfg, device, threads, seed, args.warmup + args.mem_steps,
-                                        reference.path if side == "reference" and reference else None)
-
+    probed = [] if args.no_memory else ["engine"] + (["reference"] if reference else [])
+    memory = {side: memory_probe(side, cfg, device, threads, seed, args.warmup + args.mem_steps,
+                                 reference.path if side == "reference" else None) for side in probed}
     report = summarise_e2e(cfg, meta, device, precision, times, losses, memory, args.warmup, k_ctx, k_pred,
                            mask_ms, threads, args.peak_tflops)
     report["recompiled_after_warmup"] = {k: v for k, v in jit_after.items() if v != jit_warm.get(k)}
-    md = format_e2e(report)
-    print(md)
-    if args.json:
-        _write(args.json, json.dumps(report, indent=2))
-    if args.markdown:
-        _write(args.markdown, md + "\n")
+    _emit(args, report, format_e2e(report))
     if args.plot:
         plot_e2e(report, args.plot)
     if report["losses"].get("agree") is False:
@@ -383,15 +338,12 @@ def run_e2e(args) -> int:
 def jit_compilations() -> dict:
     """Compiled variants so far: per Triton kernel of ``kernels``, and torch.compile graphs. A count
     that grows during the timed steps means a re-specialisation there: those steps include a compile."""
-    import kernels.attention
-    import kernels.ema
-    import kernels.gather
     out = {}
-    for mod in (kernels.attention, kernels.ema, kernels.gather):
-        for name, fn in vars(mod).items():
+    for module in ("attention", "ema", "gather"):
+        for name, fn in vars(importlib.import_module(f"kernels.{module}")).items():
             caches = getattr(fn, "device_caches", None)
             if isinstance(caches, dict):
-                out[f"triton {mod.__name__.split('.')[-1]}.{name}"] = sum(len(c[0]) for c in caches.values())
+                out[f"triton {module}.{name}"] = sum(len(c[0]) for c in caches.values())
     from torch._dynamo.utils import counters
     out["torch.compile graphs"] = int(counters["stats"]["unique_graphs"])
     return out
@@ -399,16 +351,20 @@ def jit_compilations() -> dict:
 
 def summarise_e2e(cfg, meta, device, precision, times, losses, memory, warmup, k_ctx, k_pred, mask_ms, threads,
                   peak_tflops=None):
-    from engine.tools.flops import device_peak_tflops, flops_from_config, is_paper_vith14, mfu, paper_reference_figure
     batch = cfg.data.batch_size
     sf = flops_from_config(cfg, k_ctx=k_ctx, k_pred=k_pred)
     peak = peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    mem_key = "cuda_peak_mib" if device.type == "cuda" else "peak_rss_above_build_mib"
     sides = {}
     for name, ts in times.items():
-        st = _stats(ts[warmup:])
+        timed = ts[warmup:]
+        q = statistics.quantiles(timed, n=4) if len(timed) >= 2 else [timed[0]] * 3
+        st = {"median_s": statistics.median(timed), "q1_s": q[0], "q3_s": q[2], "min_s": min(timed),
+              "max_s": max(timed), "n": len(timed)}
         ips = batch / st["median_s"]
-        sides[name] = {"step": st, "images_per_s": ips, "step_times_s": ts, "losses": losses[name],
-                       "memory": memory.get(name), "peak_memory_mib": peak_mib(memory.get(name), device),
+        mem = memory.get(name)
+        sides[name] = {"step": st, "images_per_s": ips, "step_times_s": ts, "losses": losses[name], "memory": mem,
+                       "peak_memory_mib": mem.get(mem_key) if mem and "error" not in mem else None,
                        "achieved_tflops": sf.total * ips / 1e12, "mfu": mfu(sf.total, ips, peak)}
     rep = {"meta": meta, "config": cfg.to_dict(), "description": _describe(cfg),
            "settings": {"warmup": warmup, "timed_steps": len(next(iter(times.values()))) - warmup,
@@ -438,76 +394,62 @@ def summarise_e2e(cfg, meta, device, precision, times, losses, memory, warmup, k
 
 
 def format_e2e(rep: dict) -> str:
-    m, s = rep["meta"], rep["settings"]
-    sides = rep["sides"]
-    names = list(sides)
-    has_ref = "reference" in sides
-    lines = ["## ijepa bench e2e", ""]
-    lines += [f"- {x}" for x in meta_lines(m)]
-    lines += [f"- model: {rep['description']}",
-              f"- timed: {s['timed_steps']} steps after {s['warmup']} warm-up steps, {s['order']}; {s['timed']}",
-              f"- images: {s['images']}; mask tokens per block (mean): context "
-              f"{rep['tokens']['K_ctx_mean']:.1f}, target {rep['tokens']['K_pred_mean']:.1f}; engine mask sampling "
-              f"{rep['mask_sampling_ms_per_batch']:.1f} ms/batch (not in the step; the reference collates in workers)",
-              f"- peak memory: {s['memory_method']}", ""]
+    m, s, sides = rep["meta"], rep["settings"], rep["sides"]
+    names, has_ref = list(sides), "reference" in sides
+    lines = _header("ijepa bench e2e", m) + [
+        f"- model: {rep['description']}",
+        f"- timed: {s['timed_steps']} steps after {s['warmup']} warm-up steps, {s['order']}; {s['timed']}",
+        f"- images: {s['images']}; mask tokens per block (mean): context "
+        f"{rep['tokens']['K_ctx_mean']:.1f}, target {rep['tokens']['K_pred_mean']:.1f}; engine mask sampling "
+        f"{rep['mask_sampling_ms_per_batch']:.1f} ms/batch (not in the step; the reference collates in workers)",
+        f"- peak memory: {s['memory_method']}", ""]
     hdr = ["", *names] + (["engine / reference"] if has_ref else [])
-    ratio = rep.get("ratio", {})
 
-    def row(label, key, fmt, ratio_key=None, ratio_fmt="{:.2f}x"):
-        vals = [_f(key(sides[n]), fmt) for n in names]
+    def row(label, key, fmt, ratio_key=None, ratio_fmt="{:.2f}x", none="n/a"):
+        vals = [_f(key(sides[n]), fmt, none) for n in names]
         if has_ref:
-            vals.append(_f(ratio.get(ratio_key), ratio_fmt, "") if ratio_key else "")
+            vals.append(_f(rep["ratio"].get(ratio_key), ratio_fmt, "") if ratio_key else "")
         return [label, *vals]
     mem_unit = "MiB, CUDA max allocated" if "cuda" in m["device"] else "MiB, RSS above post-build"
     rows = [row("median step (ms)", lambda x: 1000 * x["step"]["median_s"], "{:.1f}", "step_time"),
-            row("step IQR (ms)", lambda x: f"{1000 * x['step']['q1_s']:.0f}-{1000 * x['step']['q3_s']:.0f}",
-                "{}"),
+            row("step IQR (ms)", lambda x: f"{1000 * x['step']['q1_s']:.0f}-{1000 * x['step']['q3_s']:.0f}", "{}"),
             row("images/s", lambda x: x["images_per_s"], "{:.2f}", "images_per_s", "**{:.2f}x**"),
             row(f"peak memory ({mem_unit})", lambda x: x["peak_memory_mib"], "{:.0f}", "peak_memory"),
             row("model GFLOP/image", lambda x: rep["flops"]["per_image_flops"] / 1e9, "{:.2f}"),
             row("achieved TFLOP/s (model FLOPs)", lambda x: x["achieved_tflops"], "{:.3f}"),
-            row("MFU", lambda x: None if x["mfu"] is None else 100 * x["mfu"],
-                "{:.1f} %") if rep.get("peak_tflops") else
-            ["MFU", *(["n/a (no peak for this device)"] * len(names))] + ([""] if has_ref else []),
+            row("MFU", lambda x: None if x["mfu"] is None else 100 * x["mfu"], "{:.1f} %",
+                none="n/a" if rep.get("peak_tflops") else "n/a (no peak for this device)"),
             row("loss first / last", lambda x: f"{x['losses'][0]:.6f} / {x['losses'][-1]:.6f}", "{}")]
     lines.append(md_table(hdr, rows))
     if rep.get("recompiled_after_warmup"):
         lines.append("\nWARNING: compiled during the timed steps (raise --warmup): "
                      + ", ".join(f"{k} ({v})" for k, v in rep["recompiled_after_warmup"].items()))
-    for n in names:
-        mem = sides[n].get("memory") or {}
-        if "error" in mem:
-            lines.append(f"\n{n} peak memory: {mem['error']}")
+    lines += [f"\n{n} peak memory: {sides[n]['memory']['error']}" for n in names
+              if "error" in (sides[n].get("memory") or {})]
     if has_ref:
         L = rep["losses"]
         verdict = "agree" if L["agree"] else "DISAGREE"
         lines += ["", f"Losses {verdict}: max relative difference over all {len(L['rel_diff'])} steps "
                       f"{L['max_rel_diff']:.2e} (tolerance {L['rtol']:.0e} for {s['precision']})."]
     if rep.get("paper_reference"):
-        pr = rep["paper_reference"]
         lines += ["", "Reference speed derived from the paper (ViT-H/14, 16 A100, < 72 h):"]
-        lines += [f"- {a}" for a in pr["arithmetic"]]
+        lines += [f"- {a}" for a in rep["paper_reference"]["arithmetic"]]
         e = sides["engine"]
         lines.append(f"- engine measured here: {e['images_per_s']:.1f} images/s on {m['device']}"
                      + (f", {100 * e['mfu']:.1f} % MFU" if e["mfu"] is not None else ""))
     lines += ["", "<details><summary>per step</summary>", ""]
     hdr2 = ["step"] + [f"{n} loss" for n in names] + (["rel diff"] if has_ref else []) + [f"{n} ms" for n in names]
-    rows2 = []
-    for i in range(len(sides[names[0]]["losses"])):
-        r = [str(i) + (" (warm-up)" if i < s["warmup"] else "")]
-        r += [f"{sides[n]['losses'][i]:.6f}" for n in names]
-        if has_ref:
-            r.append(f"{rep['losses']['rel_diff'][i]:.1e}")
-        r += [f"{1000 * sides[n]['step_times_s'][i]:.0f}" for n in names]
-        rows2.append(r)
+    rows2 = [[str(i) + (" (warm-up)" if i < s["warmup"] else "")] + [f"{sides[n]['losses'][i]:.6f}" for n in names]
+             + ([f"{rep['losses']['rel_diff'][i]:.1e}"] if has_ref else [])
+             + [f"{1000 * sides[n]['step_times_s'][i]:.0f}" for n in names]
+             for i in range(len(sides[names[0]]["losses"]))]
     lines += [md_table(hdr2, rows2), "", "</details>"]
     return "\n".join(lines)
 
 
 def plot_e2e(rep: dict, path: str) -> None:
     from engine.tools import plots
-    sides = rep["sides"]
-    names = list(sides)
+    sides, names = rep["sides"], list(rep["sides"])
     footer = meta_lines(rep["meta"]) + [rep["description"]]
     if rep.get("ratio"):
         footer.append(f"engine/reference images/s {rep['ratio']['images_per_s']:.2f}x; max loss rel diff "
@@ -525,17 +467,8 @@ def plot_e2e(rep: dict, path: str) -> None:
     plots.save(fig, path)
 
 
-# ===================================================================== profile
 PHASE_ORDER = ("data", "mask_sampling", "schedules", "target_forward", "context_forward", "predictor", "loss",
                "backward", "optimizer", "grad_logger", "zero_grad", "ema", "loss_read", "other")
-
-
-def _infinite_batches(loader, device):
-    epoch = 0
-    while True:
-        for images, _ in loader.epoch_batches(epoch):
-            yield images.to(device)
-        epoch += 1
 
 
 class ProfiledLoop:
@@ -547,19 +480,14 @@ class ProfiledLoop:
     that RNG state: both sides see exactly the same images and masks."""
 
     def __init__(self, runner, cfg, device, seed: int):
-        from engine.errors import DataError
-        from engine.masks import MultiBlockMaskSampler
-        from engine.train import build_loader
         try:
             loader = build_loader(cfg, 0, 1, device)
         except DataError as e:
             raise UsageError(f"{e} (or profile on synthetic images: --override data.dataset=synthetic)") from None
         self.runner, self.device = runner, device
         self.sampler = MultiBlockMaskSampler.from_config(cfg)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.rng = torch.get_rng_state()
-        self.batches = _infinite_batches(loader, device)
+        self.rng = torch.Generator().manual_seed(seed).get_state()   # the global RNG's state after manual_seed
+        self.batches = (images.to(device) for epoch in itertools.count() for images, _ in loader.epoch_batches(epoch))
         self.wall, self.losses = [], []
 
     def one_step(self, record: bool = True) -> float:
@@ -568,14 +496,10 @@ class ProfiledLoop:
         with record_function(f"side::{self.runner.name}"):
             with record_function("ijepa::data"):
                 images = next(self.batches)
-            with record_function("ijepa::mask_sampling"):
-                outer = torch.get_rng_state()
+            with record_function("ijepa::mask_sampling"), torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(self.rng)
-                try:
-                    me, mp = self.sampler(len(images))
-                finally:
-                    self.rng = torch.get_rng_state()
-                    torch.set_rng_state(outer)
+                me, mp = self.sampler(len(images))
+                self.rng = torch.get_rng_state()
                 me, mp = to_device(me, self.device), to_device(mp, self.device)
             loss = self.runner.step(images, me, mp)
             sync(self.device)
@@ -620,16 +544,10 @@ def summarise_profile(lp, phases: dict) -> dict:
 
 
 def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
-    rows = []
-    for e in prof.key_averages():
-        if e.key.startswith(("ijepa::", "side::", "ProfilerStep")):
-            continue
-        dev = getattr(e, "self_device_time_total", None)
-        if dev is None:
-            dev = getattr(e, "self_cuda_time_total", 0.0)
-        rows.append({"op": e.key, "calls_per_step": e.count / steps,
-                     "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
-                     "self_device_ms_per_step": (dev or 0.0) / 1000 / steps})
+    rows = [{"op": e.key, "calls_per_step": e.count / steps,
+             "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+             "self_device_ms_per_step": (e.self_device_time_total or 0.0) / 1000 / steps}
+            for e in prof.key_averages() if not e.key.startswith(("ijepa::", "side::", "ProfilerStep"))]
     key = "self_device_ms_per_step" if device.type == "cuda" else "self_cpu_ms_per_step"
     rows.sort(key=lambda r: -r[key])
     tot = sum(r[key] for r in rows) or 1.0
@@ -639,36 +557,22 @@ def top_ops(prof, device, steps: int, limit: int = 15) -> list[dict]:
 
 
 def run_profile(args) -> int:
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError("--steps must be >= 1 and --warmup >= 0")
-    reference = None
-    if args.reference is not None:
-        from engine.tools.refharness import load_reference
-        reference = load_reference(args.reference)
-    cfg = load_config(args, synthetic=False)
-    device = resolve_device(args.device, "--device")
-    threads = setup_threads(args, cfg)
-    if reference is not None:
-        from engine.tools.refharness import check_buildable
-        check_buildable(cfg, reference)
-    meta = run_meta(device, threads, args.command_line)
+    cfg, device, threads, reference, meta = prepare(args, synthetic=False)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # kineto's start/stop chatter on stderr
-    eng, ref = build_runners(cfg, device, cfg.precision, reference, args.seed)
-    loops = [ProfiledLoop(r, cfg, device, args.seed) for r in [eng] + ([ref] if ref else [])]
+    runners = build_runners(cfg, device, cfg.precision, reference, args.seed)
+    loops = [ProfiledLoop(r, cfg, device, args.seed) for r in runners]
     for i in range(args.warmup):
-        for lp in (loops if i % 2 == 0 else loops[::-1]):
+        for lp in alternating(loops, i):
             lp.one_step(record=False)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                    if device.type == "cuda" else [])
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         for i in range(args.steps):
-            for lp in (loops if i % 2 == 0 else loops[::-1]):   # interleaved, order swapped every step
+            for lp in alternating(loops, i):
                 dt = lp.one_step()
                 print(f"{lp.runner.name} step {i + 1}/{args.steps}: {1000 * dt:.0f} ms", file=sys.stderr, flush=True)
     phases = phase_times(prof, device)
     results = {lp.runner.name: summarise_profile(lp, phases[lp.runner.name]) for lp in loops}
-    top = top_ops(prof, device, args.steps)
-    results["engine"]["top_ops"] = top
+    results["engine"]["top_ops"] = top_ops(prof, device, args.steps)
     if args.trace:
         os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
         prof.export_chrome_trace(args.trace)
@@ -680,34 +584,24 @@ def run_profile(args) -> int:
                                                                if device.type == "cuda" else "wall time")
                                          + "; mean per step; other = step wall time minus the phases")},
            "sides": results}
-    md = format_profile(rep)
-    print(md)
-    if args.json:
-        _write(args.json, json.dumps(rep, indent=2))
-    if args.markdown:
-        _write(args.markdown, md + "\n")
+    _emit(args, rep, format_profile(rep))
     return 0
 
 
 def format_profile(rep: dict) -> str:
-    sides = rep["sides"]
-    names = list(sides)
-    lines = ["## ijepa profile", ""] + [f"- {x}" for x in meta_lines(rep["meta"])]
-    lines += [f"- model: {rep['description']}",
-              f"- {rep['settings']['steps']} profiled steps after {rep['settings']['warmup']} warm-up"
-              f"{', engine and reference interleaved (order swapped every step)' if len(names) > 1 else ''}; "
-              f"{rep['settings']['phase_timing']}", ""]
-    allp = [p for p in PHASE_ORDER if any(p in {x["phase"] for x in sides[n]["phases"]} for n in names)]
-    hdr = ["phase"]
-    for n in names:
-        hdr += [f"{n} ms", f"{n} %"]
-    rows = []
-    for p in allp:
-        r = [p]
-        for n in names:
-            ph = {x["phase"]: x for x in sides[n]["phases"]}.get(p)
-            r += [f"{ph['ms_per_step']:.1f}", f"{ph['percent']:.1f}"] if ph else ["-", "-"]
-        rows.append(r)
+    sides, names = rep["sides"], list(rep["sides"])
+    lines = _header("ijepa profile", rep["meta"]) + [
+        f"- model: {rep['description']}",
+        f"- {rep['settings']['steps']} profiled steps after {rep['settings']['warmup']} warm-up"
+        f"{', engine and reference interleaved (order swapped every step)' if len(names) > 1 else ''}; "
+        f"{rep['settings']['phase_timing']}", ""]
+    by_phase = {n: {x["phase"]: x for x in sides[n]["phases"]} for n in names}
+    hdr = ["phase"] + [f"{n} {unit}" for n in names for unit in ("ms", "%")]
+
+    def cells(ph):
+        return [f"{ph['ms_per_step']:.1f}", f"{ph['percent']:.1f}"] if ph else ["-", "-"]
+    rows = [[p] + [c for n in names for c in cells(by_phase[n].get(p))]
+            for p in PHASE_ORDER if any(p in by_phase[n] for n in names)]
     rows.append(["**step (wall, mean)**"] + [c for n in names for c in (f"**{sides[n]['mean_step_ms']:.1f}**", "100")])
     lines.append(md_table(hdr, rows))
     ops = sides["engine"].get("top_ops") or []
@@ -721,7 +615,6 @@ def format_profile(rep: dict) -> str:
     return "\n".join(lines)
 
 
-# ===================================================================== bench kernels
 # Which provider is "the PyTorch baseline" in a group of rows, in order of preference: the
 # reference-equivalent path first (gather "ref", attention "naive", EMA "loop").
 BASELINE_NAMES = ("ref", "naive", "loop", "torch", "sdpa")
@@ -729,11 +622,6 @@ BASELINE_NAMES = ("ref", "naive", "loop", "torch", "sdpa")
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def kernel_json_device(data) -> str | None:
-    env = data.get("environment") or data.get("env") or {} if isinstance(data, dict) else {}
-    return str(env["device"]) if env.get("device") else None
 
 
 def normalise_kernel_json(data, script: str) -> list[dict]:
@@ -757,14 +645,14 @@ def normalise_kernel_json(data, script: str) -> list[dict]:
     out = []
     for case, grp in groups.items():
         low = {str(r.get(pkey)).lower(): r for r in grp}
-        base = next((low[b] for b in BASELINE_NAMES if b in low), None)
+        base = next((low[b] for b in BASELINE_NAMES if b in low), {})
         for metric in metrics:
             for r in grp:
                 if r is base or not _num(r.get(metric)):
                     continue
-                bms = base.get(metric) if base else None
+                bms = base.get(metric)
                 out.append({"script": script, "case": case if metric == "ms" else f"{case} [{metric[:-3]}]",
-                            "impl": str(r.get(pkey)), "baseline": base.get(pkey) if base else None,
+                            "impl": str(r.get(pkey)), "baseline": base.get(pkey),
                             "ms": r[metric], "baseline_ms": bms,
                             "speedup": (bms / r[metric]) if _num(bms) and r[metric] else None})
     if not out:
@@ -772,79 +660,61 @@ def normalise_kernel_json(data, script: str) -> list[dict]:
     return out
 
 
+def run_kernel_script(path: str, out: str, timeout: int) -> tuple[dict, list[dict]]:
+    """Run one ``benchmarks/bench_*.py`` with ``--json out``: (its status entry, its normalised rows)."""
+    entry = {"script": os.path.basename(path)}
+    if not os.path.isfile(path):
+        return entry | {"status": "not present"}, []
+    t = time.perf_counter()
+    try:
+        # kernel timings under the Triton interpreter would measure the interpreter
+        p = run_python([path, "--json", out], timeout, TRITON_INTERPRET="0")
+    except subprocess.TimeoutExpired:
+        return entry | {"status": f"timed out after {timeout} s"}, []
+    entry["seconds"] = time.perf_counter() - t
+    if p.returncode != 0:
+        return entry | {"status": f"failed (exit {p.returncode}): {last_line(p.stderr)}"}, []
+    if not os.path.isfile(out):
+        return entry | {"status": "ran but wrote no JSON"}, []
+    try:
+        with open(out) as f:
+            data = json.load(f)
+        rows = normalise_kernel_json(data, entry["script"])
+    except ValueError as e:   # json.JSONDecodeError included
+        return entry | {"status": f"unreadable JSON: {e}"}, []
+    env = data.get("environment") or data.get("env") or {}   # a dict: normalise_kernel_json accepted it
+    if env.get("device"):
+        entry["device"] = str(env["device"])
+    return entry | {"status": "ok", "rows": len(rows)}, rows
+
+
 def run_kernels(args) -> int:
     bench_dir = os.path.abspath(args.bench_dir or os.path.join(ROOT, "benchmarks"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    meta = run_meta(torch.device(device), torch.get_num_threads(),
-                    args.command_line)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # kernel timings under the Triton interpreter would measure the interpreter
-    env["TRITON_INTERPRET"] = "0"
-    scripts, rows = [], []
+    meta = run_meta(torch.device(device), torch.get_num_threads(), args.command_line)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in KERNEL_SCRIPTS:
-            path = os.path.join(bench_dir, name)
-            entry = {"script": name}
-            if not os.path.isfile(path):
-                entry["status"] = "not present"
-                scripts.append(entry)
-                continue
-            out = os.path.join(tmp, name + ".json")
-            t = time.perf_counter()
-            try:
-                p = subprocess.run([sys.executable, path, "--json", out], capture_output=True, text=True,
-                                   cwd=ROOT, env=env, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                entry["status"] = f"timed out after {args.timeout} s"
-                scripts.append(entry)
-                continue
-            entry["seconds"] = time.perf_counter() - t
-            if p.returncode != 0:
-                tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                entry["status"] = f"failed (exit {p.returncode}): {tail}"
-            elif not os.path.isfile(out):
-                entry["status"] = "ran but wrote no JSON"
-            else:
-                try:
-                    with open(out) as f:
-                        data = json.load(f)
-                    got = normalise_kernel_json(data, name)
-                    if kernel_json_device(data):
-                        entry["device"] = kernel_json_device(data)
-                    entry["status"] = "ok"
-                    entry["rows"] = len(got)
-                    rows += got
-                except (ValueError, json.JSONDecodeError) as e:
-                    entry["status"] = f"unreadable JSON: {e}"
-            scripts.append(entry)
-    rep = {"meta": meta, "device": device, "bench_dir": bench_dir, "scripts": scripts, "results": rows}
-    md = format_kernels(rep)
-    print(md)
-    if args.json:
-        _write(args.json, json.dumps(rep, indent=2))
-    if args.markdown:
-        _write(args.markdown, md + "\n")
+        done = [run_kernel_script(os.path.join(bench_dir, name), os.path.join(tmp, f"{name}.json"), args.timeout)
+                for name in KERNEL_SCRIPTS]
+    rep = {"meta": meta, "device": device, "bench_dir": bench_dir, "scripts": [entry for entry, _ in done],
+           "results": [r for _, rows in done for r in rows]}
+    _emit(args, rep, format_kernels(rep))
     if args.png:
         plot_kernels(rep, args.png)
     return 0
 
 
 def format_kernels(rep: dict) -> str:
-    lines = ["## ijepa bench kernels", ""] + [f"- {x}" for x in meta_lines(rep["meta"])]
+    lines = _header("ijepa bench kernels", rep["meta"])
     if rep["device"] == "cpu":
         lines.append("- no GPU here: this is a CPU run; only what runs on a CPU is reported, and CPU "
                      "speedups say nothing about GPU kernels")
     lines += ["", md_table(["script", "status", "device"],
                            [[s["script"], s["status"], s.get("device", "")] for s in rep["scripts"]],
                            ["l", "l", "l"]), ""]
-    if rep["results"]:
-        lines.append(md_table(["script", "case", "impl", "ms", "baseline", "baseline ms", "speedup"],
-                              [[r["script"], r["case"], r["impl"], _f(r["ms"], "{:.3f}"), r["baseline"] or "",
-                                _f(r["baseline_ms"], "{:.3f}"), _f(r["speedup"], "{:.2f}x")]
-                               for r in rep["results"]], ["l", "l", "l", "r", "l", "r", "r"]))
-    else:
-        lines.append("no kernel results")
+    lines.append(md_table(["script", "case", "impl", "ms", "baseline", "baseline ms", "speedup"],
+                          [[r["script"], r["case"], r["impl"], _f(r["ms"], "{:.3f}"), r["baseline"] or "",
+                            _f(r["baseline_ms"], "{:.3f}"), _f(r["speedup"], "{:.2f}x")] for r in rep["results"]],
+                          ["l", "l", "l", "r", "l", "r", "r"]) if rep["results"] else "no kernel results")
     return "\n".join(lines)
 
 
@@ -865,10 +735,7 @@ def plot_kernels(rep: dict, path: str) -> None:
     plots.save(fig, path)
 
 
-# ===================================================================== bench flops
 def run_flops(args) -> int:
-    from engine.tools.flops import (device_peak_tflops, flops_from_config, format_table, is_paper_vith14, mfu,
-                              paper_reference_figure)
     cfg = IJEPAConfig.from_yaml(args.config, list(args.override or []), validate=False)
     if args.batch_size is not None:
         cfg.data.batch_size = args.batch_size
@@ -878,34 +745,26 @@ def run_flops(args) -> int:
     except Exception as e:   # e.g. a mask config that cannot be sampled
         raise UsageError(f"{args.config}: cannot sample masks ({e}); pass --k-ctx and --k-pred") from None
     peak = args.peak_tflops or device_peak_tflops(args.gpu)
-    meta = run_meta(torch.device("cpu"), torch.get_num_threads(),
-                    args.command_line)
+    meta = run_meta(torch.device("cpu"), torch.get_num_threads(), args.command_line)
     meta["device"] = "analytic (no device used)"
-    print(f"## FLOP model: {_describe(cfg)}\n")
-    print("\n".join(f"- {x}" for x in meta_lines(meta)) + "\n")
+    print("\n".join(_header(f"FLOP model: {_describe(cfg)}", meta)) + "\n")
     print(format_table(sf))
     if args.images_per_s:
-        achieved = sf.total * args.images_per_s / 1e12
         u = mfu(sf.total, args.images_per_s, peak)
-        print(f"\nmeasured {args.images_per_s:.2f} images/s -> {achieved:.3f} TFLOP/s"
+        print(f"\nmeasured {args.images_per_s:.2f} images/s -> {sf.total * args.images_per_s / 1e12:.3f} TFLOP/s"
               + (f" = {100 * u:.1f} % MFU of {peak:.0f} TFLOP/s" if u is not None else
                  " (MFU needs --gpu NAME or --peak-tflops)"))
-    if is_paper_vith14(cfg):
-        pr = paper_reference_figure(sf.total)
-        print("\nreference, derived from the paper:")
-        for a in pr["arithmetic"]:
-            print(f"- {a}")
+    paper = paper_reference_figure(sf.total) if is_paper_vith14(cfg) else None
+    if paper:
+        print("\nreference, derived from the paper:\n" + "\n".join(f"- {a}" for a in paper["arithmetic"]))
     if args.json:
-        out = sf.to_dict()
-        out["meta"] = meta
-        out["peak_tflops"] = peak
-        if is_paper_vith14(cfg):
-            out["paper_reference"] = paper_reference_figure(sf.total)
+        out = sf.to_dict() | {"meta": meta, "peak_tflops": peak}
+        if paper:
+            out["paper_reference"] = paper
         _write(args.json, json.dumps(out, indent=2))
     return 0
 
 
-# ===================================================================== CLI
 def _common(p, steps_default):
     p.add_argument("--config", required=True, help="YAML config (engine or reference layout)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -42,10 +43,7 @@ def run(args) -> int:
     from engine.tools.plots import save_line_plot, save_table_png
     from engine.train import train
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    overrides = list(args.override)
-    if args.out:
-        overrides.append(f"logging.folder={args.out}")
-    cfg = IJEPAConfig.from_yaml(args.config, overrides)
+    cfg = IJEPAConfig.from_yaml(args.config, list(args.override) + ([f"logging.folder={args.out}"] if args.out else []))
     folder = cfg.logging.folder
     t0 = time.time()
     if not args.skip_train:
@@ -53,9 +51,8 @@ def run(args) -> int:
               f"{cfg.arch['depth']}) on Fashion-MNIST, {cfg.precision}, masks '{cfg.mask.mode}', "
               f"up to {cfg.train.max_minutes} min", flush=True)
         out = train(cfg)
-        losses, steps = out["losses"], out["steps"]
-        print(f"\npretraining: {steps} steps in {(time.time() - t0) / 60:.1f} min, loss {losses[0]:.4f} -> "
-              f"{losses[-1]:.4f} ({out['stop_reason']})", flush=True)
+        print(f"\npretraining: {out['steps']} steps in {(time.time() - t0) / 60:.1f} min, loss "
+              f"{out['losses'][0]:.4f} -> {out['losses'][-1]:.4f} ({out['stop_reason']})", flush=True)
     ckpt = os.path.join(folder, f"{cfg.logging.write_tag}-latest.pth.tar")
     losses = _losses_from_csv(os.path.join(folder, f"{cfg.logging.write_tag}_r0.csv"))
 
@@ -64,16 +61,15 @@ def run(args) -> int:
     enc = ev.load_encoder(ckpt, "target")
     data = ev.load_eval_data("fmnist", enc.arch.img_size, enc.arch.in_chans, labels=args.labels)
     rows = []
-    for name, encoder in (("pretrained (target encoder)", enc), ("random init, same shape", ev.random_encoder_like(enc, 0))):
-        f_tr = ev.extract_pooled(encoder, data.train, POOLS)
-        f_te = ev.extract_pooled(encoder, data.test, POOLS)
+    for name, encoder in (("pretrained (target encoder)", enc),
+                          ("random init, same shape", ev.random_encoder_like(enc, 0))):
+        f_tr, f_te = (ev.extract_pooled(encoder, images, POOLS) for images in (data.train, data.test))
         top1 = {pool: ev.linear_probe(f_tr[pool], data.train_labels, f_te[pool], data.test_labels)["top1"]
                 for pool in POOLS}
         c = ev.collapse_stats(f_te["mean"])
         rows.append({"encoder": name, "top1": top1, "effective_rank": c["effective_rank"],
                      "feature_std": c["std_relative"], "collapsed": c["collapsed"]})
-    tr_img, tr_lbl = ev.load_fmnist("train")
-    te_img, te_lbl = ev.load_fmnist("test")
+    (tr_img, tr_lbl), (te_img, te_lbl) = ev.load_fmnist("train"), ev.load_fmnist("test")
     idx = ev.labelled_subset(tr_lbl, n=args.labels)
     raw = ev.raw_pixel_probe(tr_img[idx], tr_lbl[idx], te_img, te_lbl)
     rows.append({"encoder": "raw pixels", "top1": {pool: raw["top1"] for pool in POOLS}, "effective_rank": None,
@@ -85,13 +81,11 @@ def run(args) -> int:
         table.append([r["encoder"]] + [f"{r['top1'][p]:.1f}" for p in POOLS] + [
                       "-" if r["effective_rank"] is None else f"{r['effective_rank']:.1f}",
                       "-" if r["feature_std"] is None else f"{r['feature_std']:.3f}",
-                      "-" if r["collapsed"] is None else ("YES" if r["collapsed"] else "no")])
+                      {None: "-", True: "YES", False: "no"}[r["collapsed"]]])
     print()
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for i, row in enumerate(table):
+    widths = [max(map(len, column)) for column in zip(*table)]
+    for row in [table[0], ["-" * w for w in widths], *table[1:]]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
     print("\npretraining gain over random init: " + ", ".join(f"{gain[p]:+.1f} points {POOL_TITLES[p]}" for p in POOLS)
           + f"; raw pixels (documented): {RAW_PIXEL_DOC} %")
     result = {"config": args.config, "checkpoint": ckpt, "labels": args.labels, "pools": list(POOLS), "rows": rows,
@@ -101,14 +95,13 @@ def run(args) -> int:
     if losses:
         save_line_plot(os.path.join(folder, "demo_loss.png"), {"train loss": (list(range(1, len(losses) + 1)), losses)},
                        title="I-JEPA pretraining on Fashion-MNIST (CPU)", xlabel="step", ylabel="smooth-L1 loss")
-    save_table_png(os.path.join(folder, "demo.png"), table, title=f"Linear probe, {args.labels} labels, "
-                                                                   f"Fashion-MNIST test")
+    save_table_png(os.path.join(folder, "demo.png"), table,
+                   title=f"Linear probe, {args.labels} labels, Fashion-MNIST test")
     print(f"wrote {folder}/demo.json, demo.png, demo_loss.png; checkpoint {ckpt}")
     return 0
 
 
 def _losses_from_csv(path):
-    import csv
     if not os.path.isfile(path):
         return []
     with open(path) as f:

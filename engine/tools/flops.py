@@ -24,20 +24,14 @@ Per transformer layer and token of a length-``n`` sequence of width ``D`` and ML
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 # Dense bf16 tensor-core peaks (vendor data sheets, without sparsity), TFLOP/s, matched against
 # torch.cuda.get_device_name(). A100 40 GB and 80 GB, SXM and PCIe, share one figure; the H100 and
 # H200 PCIe/NVL boards run at lower clocks than the SXM parts. A device not listed gets no MFU
 # unless a peak is given (``--peak-tflops``).
-PEAK_TFLOPS_BF16 = {
-    "A100": 312.0,
-    "H100 SXM": 989.0,
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H200": 989.0,
-    "H200 NVL": 835.0,
-}
+PEAK_TFLOPS_BF16 = {"A100": 312.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0,
+                    "H200 NVL": 835.0}
 
 # The reference's published speed (I-JEPA paper abstract: ViT-H/14 on ImageNet-1K,
 # 300 epochs, 16 A100 GPUs, under 72 hours); see docs/anchors.md section 2a.
@@ -47,19 +41,12 @@ PAPER_RUN = dict(images=1_281_167, epochs=300, gpus=16, hours=72.0, device="A100
 def device_peak_tflops(name: str | None) -> float | None:
     """Dense bf16 peak for a CUDA device name (``NVIDIA H100 80GB HBM3`` is the SXM part, ``NVIDIA
     H100 PCIe``, ``NVIDIA H100 NVL``, ``NVIDIA H200`` ...), or None when it is not in the table."""
-    if not name:
-        return None
-    up = name.upper()
-    for family in ("H200", "H100"):
+    up = (name or "").upper()
+    for family, sxm in (("H200", "H200"), ("H100", "H100 SXM")):
         if family in up:
-            if "NVL" in up:
-                return PEAK_TFLOPS_BF16[f"{family} NVL"]
-            if "PCIE" in up:
-                return PEAK_TFLOPS_BF16.get(f"{family} PCIe")
-            return PEAK_TFLOPS_BF16[family if family == "H200" else "H100 SXM"]
-    if "A100" in up:
-        return PEAK_TFLOPS_BF16["A100"]
-    return None
+            variant = "NVL" if "NVL" in up else "PCIe" if "PCIE" in up else None
+            return PEAK_TFLOPS_BF16.get(f"{family} {variant}") if variant else PEAK_TFLOPS_BF16[sxm]
+    return PEAK_TFLOPS_BF16["A100"] if "A100" in up else None
 
 
 @dataclass
@@ -86,27 +73,22 @@ class StepFlops:
     parts: dict = field(default_factory=dict)   # name -> Part
     tokens: dict = field(default_factory=dict)  # the token counts used
 
-    PHASES = ("target_fwd", "context_fwd", "context_bwd", "predictor_fwd", "predictor_bwd")
-
     @property
     def total(self) -> float:
         return sum(p.total for p in self.parts.values())
 
     def group(self) -> dict:
-        """The three headline groups: target forward, context fwd+bwd, predictor fwd+bwd."""
         p = self.parts
         return {"target encoder fwd": p["target_fwd"].total,
                 "context encoder fwd+bwd": p["context_fwd"].total + p["context_bwd"].total,
                 "predictor fwd+bwd": p["predictor_fwd"].total + p["predictor_bwd"].total}
 
     def split(self) -> dict:
-        tot = sum((p for p in self.parts.values()), Part())
-        return {"linear": tot.linear, "attention": tot.attention, "patch": tot.patch}
+        return asdict(sum(self.parts.values(), Part()))
 
     def to_dict(self) -> dict:
         return {"per_image_flops": self.total, "tokens": dict(self.tokens),
-                "phases": {k: {"linear": v.linear, "attention": v.attention, "patch": v.patch,
-                               "total": v.total} for k, v in self.parts.items()},
+                "phases": {k: asdict(v) | {"total": v.total} for k, v in self.parts.items()},
                 "groups": self.group(), "split": self.split()}
 
 
@@ -127,8 +109,7 @@ def step_flops(*, num_patches: int, in_chans: int, patch_size: int, embed_dim: i
     ctx_fwd = patch_fwd + ctx_layers
     ctx_bwd = patch_fwd + ctx_layers.scaled(2.0)   # conv: weight grad only
     seqs = npred * nenc
-    n = k_ctx + k_pred
-    pred = _layers(n, seqs, Dp, pred_depth, pred_mlp_ratio)
+    pred = _layers(k_ctx + k_pred, seqs, Dp, pred_depth, pred_mlp_ratio)
     pred.linear += nenc * k_ctx * 2.0 * D * Dp        # predictor_embed, before tiling
     pred.linear += seqs * k_pred * 2.0 * Dp * D       # predictor_proj, query tokens only
     return StepFlops(parts={"target_fwd": target, "context_fwd": ctx_fwd, "context_bwd": ctx_bwd,
@@ -136,26 +117,23 @@ def step_flops(*, num_patches: int, in_chans: int, patch_size: int, embed_dim: i
                      tokens={"N": N, "K_ctx": k_ctx, "K_pred": k_pred, "nenc": nenc, "npred": npred})
 
 
-def expected_tokens(cfg, batch_size: int | None = None, batches: int = 32, seed: int = 0) -> tuple[float, float]:
-    """Mean (K_ctx, K_pred) after the batch-minimum truncation, by sampling the mask sampler.
-
-    K depends on the batch size (every mask is cut to the batch's shortest), so sample with the
-    batch size that will run. The global RNG (which reference-mode placement draws from) is
-    restored afterwards.
-    """
+def sample_masks(cfg, batch: int, n: int, seed: int = 0) -> list:
+    """``n`` batches of (masks_enc, masks_pred). Reference-mode placement draws from the global
+    RNG, so it is seeded here and restored afterwards (the same masks in every process)."""
     import torch
 
     from engine.masks import MultiBlockMaskSampler
-    b = batch_size or cfg.data.batch_size
     sampler = MultiBlockMaskSampler.from_config(cfg)
-    kc, kp = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _ in range(batches):
-            enc, pred = sampler(b)
-            kc.append(enc[0].shape[1])
-            kp.append(pred[0].shape[1])
-    return sum(kc) / len(kc), sum(kp) / len(kp)
+        return [sampler(batch) for _ in range(n)]
+
+
+def expected_tokens(cfg, batch_size: int | None = None, batches: int = 32, seed: int = 0) -> tuple[float, float]:
+    """Mean (K_ctx, K_pred) after the batch-minimum truncation, by sampling the mask sampler. K depends on
+    the batch size (every mask is cut to the batch's shortest), so sample with the batch size that will run."""
+    masks = sample_masks(cfg, batch_size or cfg.data.batch_size, batches, seed)
+    return sum(enc[0].shape[1] for enc, _ in masks) / batches, sum(pred[0].shape[1] for _, pred in masks) / batches
 
 
 def flops_from_config(cfg, k_ctx: float | None = None, k_pred: float | None = None,
@@ -163,8 +141,7 @@ def flops_from_config(cfg, k_ctx: float | None = None, k_pred: float | None = No
     """``step_flops`` for an ``IJEPAConfig``; token counts sampled unless both are given."""
     if k_ctx is None or k_pred is None:
         sc, sp = expected_tokens(cfg, batch_size, batches)
-        k_ctx = sc if k_ctx is None else k_ctx
-        k_pred = sp if k_pred is None else k_pred
+        k_ctx, k_pred = (sc if k_ctx is None else k_ctx), (sp if k_pred is None else k_pred)
     a = cfg.arch
     return step_flops(num_patches=cfg.grid ** 2, in_chans=cfg.data.in_chans, patch_size=cfg.mask.patch_size,
                       embed_dim=a["embed_dim"], depth=a["depth"], mlp_ratio=a["mlp_ratio"],
@@ -173,9 +150,7 @@ def flops_from_config(cfg, k_ctx: float | None = None, k_pred: float | None = No
 
 
 def mfu(flops_per_image: float, images_per_s: float, peak_tflops: float | None) -> float | None:
-    if not peak_tflops or not images_per_s:
-        return None
-    return flops_per_image * images_per_s / (peak_tflops * 1e12)
+    return flops_per_image * images_per_s / (peak_tflops * 1e12) if peak_tflops and images_per_s else None
 
 
 def paper_reference_figure(flops_per_image: float) -> dict:
@@ -207,19 +182,15 @@ def is_paper_vith14(cfg) -> bool:
 
 
 def format_table(sf: StepFlops) -> str:
-    """Markdown table: phase, GFLOP/image, share, attention share."""
     tot = sf.total
     rows = ["| phase | GFLOP/image | share | of which attention |", "|---|---:|---:|---:|"]
     for name, part in sf.parts.items():
         rows.append(f"| {name} | {part.total / 1e9:.3f} | {100 * part.total / tot:.1f} % | "
                     f"{100 * part.attention / max(part.total, 1e-30):.1f} % |")
-    rows.append(f"| **total** | **{tot / 1e9:.3f}** | 100 % | "
-                f"{100 * sf.split()['attention'] / tot:.1f} % |")
-    g = sf.group()
-    rows.append("")
-    rows.append("groups: " + ", ".join(f"{k} {100 * v / tot:.1f} %" for k, v in g.items()))
+    rows.append(f"| **total** | **{tot / 1e9:.3f}** | 100 % | {100 * sf.split()['attention'] / tot:.1f} % |")
     t = sf.tokens
-    rows.append(f"tokens: N={t['N']}, K_ctx={t['K_ctx']:.1f}, K_pred={t['K_pred']:.1f}, "
-                f"nenc={t['nenc']}, npred={t['npred']}")
+    rows += ["", "groups: " + ", ".join(f"{k} {100 * v / tot:.1f} %" for k, v in sf.group().items()),
+             f"tokens: N={t['N']}, K_ctx={t['K_ctx']:.1f}, K_pred={t['K_pred']:.1f}, "
+             f"nenc={t['nenc']}, npred={t['npred']}"]
     return "\n".join(rows)
 

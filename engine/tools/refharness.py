@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import os
@@ -38,8 +39,7 @@ import torch.nn.functional as F
 
 from engine.errors import UsageError
 
-REQUIRED_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/masks/utils.py",
-                  "src/utils/tensors.py")
+REQUIRED_FILES = ("src/models/vision_transformer.py", "src/helper.py", "src/masks/utils.py", "src/utils/tensors.py")
 
 
 def _phase(name):
@@ -65,14 +65,14 @@ def check_checkout(path: str) -> str:
     """Absolute path of a usable checkout, or ``UsageError`` with a one-line reason."""
     if not path or not os.path.isdir(path):
         raise UsageError(f"--reference {path}: no such directory; pass the path of a checkout of "
-                              f"facebookresearch/ijepa")
+                         f"facebookresearch/ijepa")
     if not os.path.isdir(os.path.join(path, "src")):
         raise UsageError(f"--reference {path}: no src/ folder, so not a checkout of facebookresearch/ijepa "
-                              f"(expected src/helper.py, src/models/vision_transformer.py)")
+                         f"(expected src/helper.py, src/models/vision_transformer.py)")
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise UsageError(f"--reference {path}: missing {', '.join(missing)}; expected a checkout of "
-                              f"facebookresearch/ijepa")
+                         f"facebookresearch/ijepa")
     return os.path.abspath(path)
 
 
@@ -83,29 +83,24 @@ def load_reference(path: str) -> types.SimpleNamespace:
     for name in [m for m in sys.modules if m == "src" or m.startswith("src.")]:
         del sys.modules[name]
     root = logging.getLogger()
-    guard = None
-    if not root.handlers:
-        # src/helper.py calls logging.basicConfig(stream=sys.stdout) at import, which would route
-        # every later INFO line of every library to our stdout; a handler makes that a no-op
-        guard = logging.NullHandler()
+    # src/helper.py calls logging.basicConfig(stream=sys.stdout) at import, which would route
+    # every later INFO line of every library to our stdout; a handler makes that a no-op
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
         root.addHandler(guard)
     sys.path.insert(0, path)
     try:
         with quiet():
-            import importlib
-            vit = importlib.import_module("src.models.vision_transformer")
-            helper = importlib.import_module("src.helper")
-            mutils = importlib.import_module("src.masks.utils")
-            tensors = importlib.import_module("src.utils.tensors")
-            grad_logger = allreduce = None
+            vit, helper, mutils, tensors = (importlib.import_module(f"src.{m}") for m in (
+                "models.vision_transformer", "helper", "masks.utils", "utils.tensors"))
+            grad_logger = allreduce = None   # optional in the reference's layout
             with contextlib.suppress(Exception):
                 grad_logger = importlib.import_module("src.utils.logging").grad_logger
             with contextlib.suppress(Exception):
                 allreduce = importlib.import_module("src.utils.distributed").AllReduce
     except Exception as e:
         first = (str(e).splitlines() or [""])[0]
-        raise UsageError(f"--reference {path}: importing the reference failed "
-                              f"({type(e).__name__}: {first})") from None
+        raise UsageError(f"--reference {path}: importing the reference failed ({type(e).__name__}: {first})") from None
     finally:
         sys.path.remove(path)
         if guard is not None:
@@ -113,12 +108,12 @@ def load_reference(path: str) -> types.SimpleNamespace:
     where = os.path.abspath(getattr(vit, "__file__", "") or "")
     if not where.startswith(path + os.sep):
         raise UsageError(f"--reference {path}: 'src' resolved to {where}, not to the checkout; "
-                              f"remove the other 'src' package from the Python path")
+                         f"remove the other 'src' package from the Python path")
     for mod, attr in ((helper, "init_model"), (helper, "init_opt"), (mutils, "apply_masks"),
                       (tensors, "repeat_interleave_batch")):
         if not hasattr(mod, attr):
-            raise UsageError(f"--reference {path}: {mod.__name__} has no {attr}; expected "
-                                  f"facebookresearch/ijepa's layout")
+            raise UsageError(f"--reference {path}: {mod.__name__} has no {attr}; "
+                             f"expected facebookresearch/ijepa's layout")
     return types.SimpleNamespace(path=path, vit=vit, helper=helper, apply_masks=mutils.apply_masks,
                                  repeat_interleave_batch=tensors.repeat_interleave_batch,
                                  grad_logger=grad_logger, allreduce=allreduce)
@@ -130,13 +125,13 @@ def check_buildable(cfg, mods) -> None:
     name = cfg.meta.model_name
     if not hasattr(mods.vit, name):
         raise UsageError(f"meta.model_name {name!r}: the reference has no such factory; "
-                              f"use one of {', '.join(VIT_SIZES)}")
+                         f"use one of {', '.join(VIT_SIZES)}")
     dim, depth, heads, ratio = VIT_SIZES[name]
     a = cfg.arch
     if (a["embed_dim"], a["depth"], a["num_heads"], a["mlp_ratio"], a["pred_num_heads"]) != (
             dim, depth, heads, ratio, heads):
         raise UsageError("model.* overrides cannot be built by the reference's init_model (factory sizes "
-                              "only); remove the model section or run without --reference")
+                         "only); remove the model section or run without --reference")
     if cfg.data.in_chans != 3:
         raise UsageError(f"data.in_chans {cfg.data.in_chans}: the reference's encoders take 3 channels")
 
@@ -155,15 +150,13 @@ class ReferenceRunner:
             enc, pred = mods.helper.init_model(
                 device=self.device, patch_size=cfg.mask.patch_size, model_name=cfg.meta.model_name,
                 crop_size=cfg.data.crop_size, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
-            tgt = copy.deepcopy(enc)
-            for p in tgt.parameters():
-                p.requires_grad = False
+            self.target_encoder = copy.deepcopy(enc).requires_grad_(False)
             self.opt, self.scaler, self.sched, self.wd_sched = mods.helper.init_opt(
                 encoder=enc, predictor=pred, wd=float(o.weight_decay), final_wd=float(o.final_weight_decay),
                 start_lr=o.start_lr, ref_lr=o.lr, final_lr=o.final_lr, iterations_per_epoch=ipe,
                 warmup=o.warmup, num_epochs=o.epochs, ipe_scale=o.ipe_scale,
                 use_bfloat16=(precision == "bf16"))
-        self.encoder, self.predictor, self.target_encoder = enc, pred, tgt
+        self.encoder, self.predictor = enc, pred
         e0, e1 = o.ema
         total = ipe * o.epochs * o.ipe_scale
         self.momentum = (e0 + i * (e1 - e0) / total for i in range(int(total) + 1))
@@ -173,15 +166,13 @@ class ReferenceRunner:
         return {"encoder": self.encoder.state_dict(), "predictor": self.predictor.state_dict(),
                 "target_encoder": self.target_encoder.state_dict()}
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-
     def step(self, imgs, masks_enc, masks_pred, phase=_phase) -> float:
         m = self.mods
+        scaler = self.scaler if self.precision == "bf16" else None
         with phase("schedules"):
             self.sched.step()
             self.wd_sched.step()
-        with self._autocast():
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             with phase("target_forward"), torch.no_grad():
                 h = self.target_encoder(imgs)
                 h = F.layer_norm(h, (h.size(-1),))
@@ -196,16 +187,13 @@ class ReferenceRunner:
                 loss = F.smooth_l1_loss(z, h)
                 if m.allreduce is not None:
                     loss = m.allreduce.apply(loss)
-        if self.precision == "bf16" and self.scaler is not None:
-            with phase("backward"):
-                self.scaler.scale(loss).backward()
-            with phase("optimizer"):
-                self.scaler.step(self.opt)
-                self.scaler.update()
-        else:
-            with phase("backward"):
-                loss.backward()
-            with phase("optimizer"):
+        with phase("backward"):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        with phase("optimizer"):
+            if scaler is not None:
+                scaler.step(self.opt)
+                scaler.update()
+            else:
                 self.opt.step()
         with phase("grad_logger"):
             if m.grad_logger is not None:
