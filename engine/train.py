@@ -361,10 +361,13 @@ class RunLog:
         self.csv_file.flush()   # the log on disk is never more than one window behind
         if self.bar is not None:
             step = self.window[-1][2] + 1
+            status = (f"ep {self.window[-1][0] + 1} loss {self.last_loss:.4f} lr {self.sched.lr(step - 1):.2e} "
+                      f"{ips:.1f} img/s" + (f" skipped {self.skipped}" if self.skipped else ""))
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"ep {self.window[-1][0] + 1} loss {self.last_loss:.4f} "
-                                     f"lr {self.sched.lr(step - 1):.2e} {ips:.1f} img/s"
-                                     + (f" skipped {self.skipped}" if self.skipped else ""), refresh=True)
+            if self.bar.disable:   # not a terminal (a log file, SLURM output): one plain line per window
+                log.info("step %d/%d %s", step, self.bar.total, status)
+            else:
+                self.bar.set_postfix_str(status, refresh=True)
 
     def close(self):
         if self.bar is not None:
@@ -378,9 +381,10 @@ def _progress_bar(total: int, start: int, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
-    # on a terminal a live bar; in a log file one line per window (tqdm's mininterval keeps it sparse)
+    # a live bar on a terminal; elsewhere tqdm's carriage returns would pile up in one line of the log,
+    # so the bar is off there and RunLog logs each window instead
     return tqdm(total=total, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                mininterval=0 if sys.stderr.isatty() else 30, leave=True)
+                disable=not sys.stderr.isatty(), leave=True)
 
 
 def _tensorboard(cfg, folder):

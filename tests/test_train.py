@@ -198,3 +198,13 @@ def test_vectorized_sampler_trains_and_resumes_exactly(tmp_path):
     first = train(smoke(tmp_path / "b", *ov, "train.max_steps=5"))
     second = train(smoke(tmp_path / "b", *ov), resume=True)
     assert first["losses"] + second["losses"] == straight
+
+
+def test_progress_in_a_log_file_is_one_line_per_window(tmp_path, caplog):
+    # stderr is not a terminal here (as under SLURM or `> run.log`): no carriage-return bar, a plain line
+    # per log window instead
+    with caplog.at_level("INFO", logger="ijepa"):
+        train(smoke(tmp_path, "train.progress=true", "logging.log_every=4"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [ln.split()[1] for ln in lines] == ["4/16", "8/16", "12/16", "16/16"]
+    assert all(" loss " in ln and " img/s" in ln for ln in lines)
