@@ -18,15 +18,13 @@ ON_GPU = TIER and torch.cuda.is_available()
 
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(os.path.abspath(__file__))
-    why = None
-    if not (ON_GPU or DRY):
-        why = ("CUDA tier: no CUDA device visible" if TIER else
-               "CUDA tier: runs in its own process on a GPU -- make test-gpu (IJEPA_TEST_TIER=cuda)")
+    no_device = pytest.mark.skipif(
+        not (ON_GPU or DRY), reason="CUDA tier: no CUDA device visible" if TIER else
+        "CUDA tier: runs in its own process on a GPU -- make test-gpu (IJEPA_TEST_TIER=cuda)")
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.cuda)
-            if why:
-                item.add_marker(pytest.mark.skip(reason=why))
+            item.add_marker(no_device)
 
 
 @pytest.fixture
@@ -36,4 +34,4 @@ def device():
 
 def gpu_only(what: str):
     """Skip in the dry run: ``what`` only exists on a GPU."""
-    return pytest.mark.skipif(not ON_GPU, reason=f"needs a GPU: {what} (dry run on the CPU)")
+    return pytest.mark.skipif(not ON_GPU, reason=f"needs a GPU: {what}" + (" (dry run on the CPU)" if DRY else ""))
