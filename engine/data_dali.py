@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from engine.data import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS, distributed_indices
-from engine.errors import DataError
+from engine.errors import DataError, first_line
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from PIL import Image
@@ -54,11 +54,6 @@ log = logging.getLogger(__name__)
 
 _DALI_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"}   # PIL's names of what DALI decodes
 _INDEX_VERSION = 1
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def rrc_boxes(widths, heights, rng: np.random.Generator, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
@@ -116,7 +111,7 @@ def probe_image(path: str, full: bool = False):
             return 0, 0, f"empty image {w}x{h}"
         return int(w), int(h), None
     except Exception as e:  # unreadable, not an image, truncated header, permissions, ...
-        return 0, 0, f"{type(e).__name__}: {_first_line(e)}"
+        return 0, 0, f"{type(e).__name__}: {first_line(e)}"
 
 
 def list_image_folder(root: str):
@@ -202,7 +197,7 @@ class FileIndex:
             sig, wh = z["sig"], z["wh"]
             return {p: (sig[i, 0], sig[i, 1], wh[i, 0], wh[i, 1], bad.get(i)) for i, p in enumerate(paths)}
         except Exception as e:   # a damaged cache only costs a re-scan
-            log.warning("ignoring unreadable DALI file-index cache %s (%s)", cache_file, _first_line(e))
+            log.warning("ignoring unreadable DALI file-index cache %s (%s)", cache_file, first_line(e))
             return {}
 
     def _save(self):
@@ -219,7 +214,7 @@ class FileIndex:
             os.replace(tmp, self._cache_file)   # atomic: ranks writing at once leave one whole file
         except OSError as e:
             log.warning("could not write the DALI file-index cache %s (%s); the next run re-scans",
-                        self._cache_file, _first_line(e))
+                        self._cache_file, first_line(e))
 
 
 # ---------------------------------------------------------------------- pipeline
@@ -252,7 +247,7 @@ def _decode_failure(path: str) -> str | None:
             with Image.open(f) as im:
                 im.load()
     except Exception as e:
-        return f"{type(e).__name__}: {_first_line(e)}"
+        return f"{type(e).__name__}: {first_line(e)}"
     try:
         data = np.fromfile(path, dtype=np.uint8)
         pipe = _probe_pipeline(lambda: [data], batch_size=1, num_threads=1, device_id=None)
@@ -262,7 +257,7 @@ def _decode_failure(path: str) -> str | None:
         except RuntimeError:
             return "DALI cannot decode it"
     except OSError as e:
-        return f"{type(e).__name__}: {_first_line(e)}"
+        return f"{type(e).__name__}: {first_line(e)}"
     return None
 
 
@@ -404,7 +399,7 @@ class DaliImageLoader:
                 try:
                     data.append(np.fromfile(p, dtype=np.uint8))
                 except OSError as e:   # vanished or unreadable since the scan
-                    self._mark_bad(int(i), f"{type(e).__name__}: {_first_line(e)}")
+                    self._mark_bad(int(i), f"{type(e).__name__}: {first_line(e)}")
             if len(data) == len(plan.paths):
                 break
         self._pending.append(plan)
@@ -429,9 +424,9 @@ class DaliImageLoader:
         except RuntimeError as e:
             if self.decode_device == "mixed":
                 raise DataError(f"DALI decode_device='mixed' needs a CUDA GPU with its driver and could not "
-                                f"get one ({_first_line(e)}); use decode_device='cpu' (or 'auto', which "
+                                f"get one ({first_line(e)}); use decode_device='cpu' (or 'auto', which "
                                 f"picks cpu when there is no GPU)") from e
-            raise DataError(f"DALI could not build the pipeline ({_first_line(e)})") from e
+            raise DataError(f"DALI could not build the pipeline ({first_line(e)})") from e
         self._pipe = pipe
 
     def _to_torch(self, out):
@@ -477,7 +472,7 @@ class DaliImageLoader:
                 break
         if not found:
             raise DataError(f"DALI failed on batch {first_plan.batch} of epoch {first_plan.epoch} but every "
-                            f"file of it decodes on its own ({_first_line(err)}); files: "
+                            f"file of it decodes on its own ({first_line(err)}); files: "
                             f"{', '.join(first_plan.paths[:4])}...") from err
         if len(self._bad) == len(self.paths):
             raise DataError("no readable image is left; check the data folder") from err

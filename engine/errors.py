@@ -8,7 +8,8 @@ A leaf module: it imports nothing from ``engine``, so any module may raise these
   fix; exit code 2; nothing on disk is changed.
 * ``NonFiniteError``: a non-finite loss or gradient stopped the run (``train.nonfinite: stop``);
   exit code 1, the last checkpoint is kept.
-* ``PeerFailure``: a collective failed or timed out because another rank died or hung; exit 1.
+* A failed or timed-out collective (gloo/NCCL raise it, whatever they wrap it in): another
+  rank died or hung; ``report`` says so in one line, exit 1.
 
 ``kernels.BackendUnavailable`` (an explicitly requested kernel backend that cannot run here) is
 a usage error too; it is defined in ``kernels`` because ``kernels`` never imports ``engine``.
@@ -39,11 +40,7 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient with ``train.nonfinite: stop``."""
 
 
-class PeerFailure(RuntimeError):
-    """A collective failed or timed out: another rank died or hung."""
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:limit]
 
@@ -56,7 +53,7 @@ def is_usage_error(e: BaseException) -> bool:
 def is_comm_error(e: BaseException) -> bool:
     """A failed or timed-out collective (gloo/NCCL), whatever the library wrapped it in."""
     import torch.distributed as dist
-    if isinstance(e, (PeerFailure, getattr(dist, "DistError", ()), getattr(dist, "DistBackendError", ()))):
+    if isinstance(e, (getattr(dist, "DistError", ()), getattr(dist, "DistBackendError", ()))):
         return True
     msg = str(e)
     return isinstance(e, RuntimeError) and any(k in msg for k in (
@@ -73,18 +70,18 @@ def report(e: BaseException, rank: int | None = None, world: int = 1) -> int:
     """
     who = "" if rank is None or world <= 1 else f"rank {rank}/{world}: "
     if is_usage_error(e):
-        print(f"ijepa: error: {who}{_first_line(e, 2000)}", file=sys.stderr)
+        print(f"ijepa: error: {who}{first_line(e, 2000)}", file=sys.stderr)
         return 2
     if isinstance(e, NonFiniteError):
-        print(f"ijepa: stopped: {who}{_first_line(e, 2000)}", file=sys.stderr)
+        print(f"ijepa: stopped: {who}{first_line(e, 2000)}", file=sys.stderr)
         return 1
     if isinstance(e, KeyboardInterrupt):
         print(f"ijepa: {who}interrupted", file=sys.stderr)
         return 130
     if world > 1 and is_comm_error(e):
         print(f"ijepa: error: {who}a collective failed, so another rank died or hung (see the first failing "
-              f"rank's log); stopping. [{type(e).__name__}: {_first_line(e)}]", file=sys.stderr)
+              f"rank's log); stopping. [{type(e).__name__}: {first_line(e)}]", file=sys.stderr)
         return 1
     traceback.print_exc()
-    print(f"ijepa: error: {who}{type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+    print(f"ijepa: error: {who}{type(e).__name__}: {first_line(e)}", file=sys.stderr)
     return 1

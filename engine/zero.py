@@ -50,7 +50,7 @@ import kernels.ema as kema
 from engine.checkpoint import SHARD_FORMAT, fragments_of, paths, prune_tags, rank_file, save_atomic, write_latest
 from engine.config import IJEPAConfig
 from engine.distributed import detect_launch_env, init_distributed
-from engine.errors import ConfigError
+from engine.errors import ConfigError, first_line
 from engine.model import IJEPA, build_model, param_group_names
 from engine.strategy import Strategy, build_optimizer
 
@@ -493,8 +493,7 @@ class ZeroStrategy(Strategy):
         try:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         except (ValueError, AssertionError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"deepspeed: the merged DeepSpeed config was rejected: {first[:300]}") from None
+            raise ConfigError(f"deepspeed: the merged DeepSpeed config was rejected: {first_line(e)}") from None
         self.engine, self.model, self.inner = engine, engine.module, optimizer
         self.group = dist_group(engine)
         self.group_rank = dist.get_rank(self.group)
