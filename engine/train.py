@@ -64,7 +64,7 @@ def train_step(strategy, micro_batches, *, lr, wd, momentum, clip_grad=None, non
         if diagnostics is not None and i == 0:
             diagnostics.update(step_stats(z.detach(), h))
         with record_function("ijepa::backward"):
-            strategy.backward(loss)
+            strategy.backward(poison_if_nonfinite(loss))
         total = loss.detach().float() if total is None else total + loss.detach().float()
     total = total / len(micro_batches)
     with record_function("ijepa::optimizer"):
@@ -74,6 +74,15 @@ def train_step(strategy, micro_batches, *, lr, wd, momentum, clip_grad=None, non
     with record_function("ijepa::ema"):
         strategy.update_target(momentum)
     return total, skipped
+
+
+def poison_if_nonfinite(loss):
+    """``loss`` with the same value and the same gradients, except that a non-finite loss makes its
+    gradients NaN. Every backend then skips the step on its one gradient check (the local check,
+    DeepSpeed's all-reduced norm, agreed by all ranks), with no host sync and no extra collective --
+    a loss can be infinite while its gradients are finite (smooth L1's gradient is clamped)."""
+    d = loss.detach()
+    return loss * (d - d + 1)   # x * 1 is exact; inf - inf and NaN give NaN
 
 
 # ============================================================================ the loop

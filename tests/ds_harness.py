@@ -18,6 +18,7 @@ nonfinite  NaN images for a whole epoch under every stage and precision: each st
 Rank 0 writes the measurements to OUT.json; the pytest side asserts on them.
 """
 import json
+import math
 import os
 import sys
 import time
@@ -357,17 +358,34 @@ def run_nonfinite(work):
         return (img * float("nan") if self.epoch == 1 else img), label, bad
     data.SyntheticDataset.__getitem__ = poisoned
     res = {}
+
+    def summary(out):
+        return {"skipped": out["skipped"], "steps": out["steps"],
+                "adam_step": state_of(out["checkpoint"])[2].meta["adam_step"],
+                "nonfinite_losses": sum(not math.isfinite(l) for l in out["losses"])}
     try:
         for stage in (0, 1, 2, 3):
             for prec in ("fp32", "bf16"):
                 cfg = make_cfg(os.path.join(work, f"nan{stage}{prec}"), prec, extra=("data.batch_size=8",))
-                out = train(cfg, zero_stage=stage)
-                snap = state_of(out["checkpoint"])[2]
-                res[f"zero{stage}_{prec}"] = {"skipped": out["skipped"], "steps": out["steps"],
-                                              "adam_step": snap.meta["adam_step"],
-                                              "nan_losses": sum(l != l for l in out["losses"])}
+                res[f"zero{stage}_{prec}"] = summary(train(cfg, zero_stage=stage))
     finally:
         data.SyntheticDataset.__getitem__ = orig
+    # an infinite loss with finite gradients (+inf added as a constant) in epoch 2: skipped as well
+    from engine.model import IJEPA
+    forward, calls = IJEPA.forward, []
+
+    def inf_loss(self, *a, **kw):
+        calls.append(1)
+        loss, z, h = forward(self, *a, parts=True)
+        return (loss + float("inf") if len(calls) > 4 else loss), z, h
+    IJEPA.forward = inf_loss
+    try:
+        for prec in ("fp32", "bf16"):
+            calls.clear()
+            out = train(make_cfg(os.path.join(work, f"inf{prec}"), prec, extra=("data.batch_size=8",)), zero_stage=2)
+            res[f"zero2_{prec}_infinite_loss"] = summary(out)
+    finally:
+        IJEPA.forward = forward
     return res
 
 

@@ -208,3 +208,20 @@ def test_progress_in_a_log_file_is_one_line_per_window(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [ln.split()[1] for ln in lines] == ["4/16", "8/16", "12/16", "16/16"]
     assert all(" loss " in ln and " img/s" in ln for ln in lines)
+
+
+def test_an_infinite_loss_with_finite_gradients_is_skipped(tmp_path, monkeypatch):
+    from engine.model import IJEPA
+    orig = IJEPA.forward
+
+    def inf_loss(self, *a, **kw):   # +inf added as a constant: the gradients stay finite
+        loss, z, h = orig(self, *a, parts=True)
+        return loss + float("inf"), z, h
+    strategy = LocalStrategy(smoke(tmp_path))
+    train_step(strategy, _nan_batch(strategy.cfg, strategy.model, poison=False), lr=1e-3, wd=0.04, momentum=0.9)
+    enc = {k: v.clone() for k, v in strategy.model.encoder.state_dict().items()}
+    monkeypatch.setattr(IJEPA, "forward", inf_loss)
+    loss, skipped = train_step(strategy, _nan_batch(strategy.cfg, strategy.model, poison=False),
+                               lr=1e-3, wd=0.04, momentum=0.9)
+    assert loss == float("inf") and skipped
+    assert all(torch.equal(v, enc[k]) for k, v in strategy.model.encoder.state_dict().items())
